@@ -1,0 +1,194 @@
+"""Reading a bundle: the size-bounded head, then one pass over the payload (pure core).
+
+This module turns a byte stream into verified facts and never touches the file system: where
+payload bytes go is the business of a :class:`PayloadSink` (the installer writes them into a
+staging slot, ``verify`` discards them). Step numbers refer to docs/bundle-format.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from appliance.tarstream import MemberHeader, ReadableStream, TarReader
+from signing.errors import FormatError, PayloadError
+from signing.manifest import BundleManifest, Entry, check_relative_path
+
+FORMAT_MEMBER: Final = "format"
+FORMAT_MAGIC: Final = b"airgap-appliance-bundle 1\n"
+MANIFEST_MEMBER: Final = "manifest.json"
+SIGNATURES_MEMBER: Final = "signatures.json"
+PAYLOAD_PREFIX: Final = "payload/"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every bound the reader enforces, in one place (as python-tuf's UpdaterConfig)."""
+
+    max_manifest_bytes: int = 16 << 20
+    max_signature_bytes: int = 1 << 20
+    max_trailing_bytes: int = 1 << 20
+    chunk_bytes: int = 1 << 20
+    buffers: int = 8
+
+
+@dataclass(frozen=True)
+class BundleHead:
+    """The signed part of a bundle, as raw bytes, not yet verified."""
+
+    manifest_bytes: bytes
+    signature_block: bytes
+    signature_offset: int
+
+
+class PayloadSink(Protocol):
+    """Where verified-as-it-goes payload bytes end up."""
+
+    def buffer(self) -> bytearray:
+        """A free buffer of at least one chunk; may block until one is returned."""
+
+    def begin(self, entry: Entry) -> None: ...
+
+    def write(self, buffer: bytearray, length: int) -> None:
+        """Take ``buffer[:length]``; the sink owns the buffer until it hands it out again."""
+
+    def end(self, entry: Entry) -> None:
+        """The entry's bytes all arrived and matched their signed sha256."""
+
+
+class DiscardSink:
+    """A sink for verification only: hashes are checked, bytes go nowhere."""
+
+    def __init__(self, chunk_bytes: int) -> None:
+        self._buffer = bytearray(chunk_bytes)
+
+    def buffer(self) -> bytearray:
+        return self._buffer
+
+    def begin(self, entry: Entry) -> None:
+        pass
+
+    def write(self, buffer: bytearray, length: int) -> None:
+        pass
+
+    def end(self, entry: Entry) -> None:
+        pass
+
+
+def read_head(tar: TarReader, limits: Limits) -> BundleHead:
+    """Steps V1 to V3: the format marker, the manifest and the signature block, size-bounded."""
+    header = _expect_member(tar, FORMAT_MEMBER, max_size=len(FORMAT_MAGIC))
+    if tar.read_member(header) != FORMAT_MAGIC:
+        raise FormatError("bundle: unknown format marker (not an airgap-appliance bundle v1)")
+    header = _expect_member(tar, MANIFEST_MEMBER, max_size=limits.max_manifest_bytes)
+    manifest_bytes = tar.read_member(header)
+    header = _expect_member(tar, SIGNATURES_MEMBER, max_size=limits.max_signature_bytes)
+    signature_block = tar.read_member(header)
+    return BundleHead(
+        manifest_bytes=manifest_bytes,
+        signature_block=signature_block,
+        signature_offset=header.data_offset,
+    )
+
+
+def stream_payload(
+    tar: TarReader,
+    manifest: BundleManifest,
+    sink: PayloadSink,
+    *,
+    limits: Limits,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Steps V6 to V9: each member must be the next entry; hash it while the sink stores it."""
+    entries = manifest.entries
+    names = {PAYLOAD_PREFIX + e.path: i for i, e in enumerate(entries)}
+    seen: set[str] = set()
+    for position, entry in enumerate(entries):
+        expected = PAYLOAD_PREFIX + entry.path
+        header = tar.next_header()
+        if header is None:
+            raise PayloadError(f"bundle: manifest entry {entry.path!r} is missing from the payload")
+        _check_member_name(header, expected=expected, position=position, names=names, seen=seen)
+        seen.add(header.name)
+        if header.size != entry.size:
+            raise PayloadError(
+                f"bundle: member {header.name!r} declares {header.size} bytes, "
+                f"manifest says {entry.size}"
+            )
+        _stream_member(tar, entry, sink, limits=limits, progress=progress)
+    header = tar.next_header()
+    if header is not None:
+        _check_member_name(header, expected=None, position=len(entries), names=names, seen=seen)
+    tar.finish()
+
+
+def open_bundle(stream: ReadableStream, limits: Limits) -> TarReader:
+    return TarReader(stream, max_trailing_bytes=limits.max_trailing_bytes)
+
+
+def _stream_member(
+    tar: TarReader,
+    entry: Entry,
+    sink: PayloadSink,
+    *,
+    limits: Limits,
+    progress: Callable[[int], None] | None,
+) -> None:
+    digest = hashlib.sha256()
+    sink.begin(entry)
+    remaining = entry.size
+    while remaining:
+        buffer = sink.buffer()
+        length = min(remaining, limits.chunk_bytes, len(buffer))
+        view = memoryview(buffer)[:length]
+        tar.read_into(view)
+        # hashlib releases the GIL on large updates, so this overlaps the sink's writing.
+        digest.update(view)
+        sink.write(buffer, length)
+        remaining -= length
+        if progress is not None:
+            progress(length)
+    actual = digest.hexdigest()
+    if actual != entry.sha256:
+        raise PayloadError(
+            f"bundle: member {PAYLOAD_PREFIX + entry.path!r} sha256 mismatch "
+            f"(manifest {entry.sha256[:16]}..., payload {actual[:16]}...)"
+        )
+    sink.end(entry)
+
+
+def _expect_member(tar: TarReader, name: str, *, max_size: int) -> MemberHeader:
+    header = tar.next_header()
+    if header is None:
+        raise FormatError(f"bundle: ended before its {name!r} member")
+    if header.name != name:
+        raise FormatError(f"bundle: expected member {name!r}, found {header.name!r}")
+    if header.size > max_size:
+        raise FormatError(f"bundle: member {name!r} is {header.size} bytes, limit {max_size}")
+    return header
+
+
+def _check_member_name(
+    header: MemberHeader,
+    *,
+    expected: str | None,
+    position: int,
+    names: dict[str, int],
+    seen: set[str],
+) -> None:
+    name = header.name
+    if name == expected:
+        return
+    check_relative_path(name, what="bundle member")
+    if name in seen:
+        raise PayloadError(f"bundle: duplicate member {name!r}")
+    if name not in names:
+        raise PayloadError(f"bundle: member {name!r} is not in the manifest")
+    if expected is None:  # pragma: no cover - every listed name was seen by then
+        raise PayloadError(f"bundle: member {name!r} after the last manifest entry")
+    raise PayloadError(
+        f"bundle: member {name!r} out of order (expected {expected!r}; "
+        f"entry {position} missing or members reordered)"
+    )

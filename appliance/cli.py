@@ -1,0 +1,224 @@
+"""``appliance``: the offline half's command line (docs/cli.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from appliance.console import ByteProgress, emit_json, parse_cli_time, run_cli
+from appliance.host import DEFAULT_ROOT, HostState
+from appliance.installer import DEFAULT_KEEP, Appliance, InstallOptions
+from appliance.trust import read_root_file
+from signing.canonical import format_time
+from signing.errors import StateError
+
+_TIME_HELP = "Use this UTC time (YYYY-MM-DDTHH:MM:SSZ) instead of the system clock; logged."
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--root",
+    "root",
+    type=click.Path(path_type=Path),
+    envvar="APPLIANCE_ROOT",
+    default=DEFAULT_ROOT,
+    show_default=True,
+    help="Appliance state directory.",
+)
+@click.pass_context
+def cli(ctx: click.Context, root: Path) -> None:
+    """Verify, install, roll back and inspect signed bundles on an isolated host."""
+    ctx.obj = Appliance(root)
+
+
+pass_appliance = click.make_pass_decorator(Appliance)
+
+
+@cli.group()
+def trust() -> None:
+    """Manage the trusted root of keys."""
+
+
+@trust.command("init")
+@click.argument("root_json", type=click.Path(path_type=Path))
+@click.option("--fingerprint", help="Expected root fingerprint (sha256 hex), compared exactly.")
+@pass_appliance
+def trust_init(app: Appliance, root_json: Path, fingerprint: str | None) -> None:
+    """Trust ROOT_JSON as this host's first root; prints its fingerprint."""
+    fp = app.trust_init(read_root_file(root_json), fingerprint=fingerprint)
+    click.echo(f"trusted root installed; fingerprint {fp}")
+    if fingerprint is None:
+        click.echo(
+            "compare this fingerprint with the one the key holders gave you out of band", err=True
+        )
+
+
+@trust.command("update")
+@click.argument("root_json", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--assume-time", help=_TIME_HELP)
+@pass_appliance
+def trust_update(app: Appliance, root_json: tuple[Path, ...], assume_time: str | None) -> None:
+    """Rotate to each ROOT_JSON in turn (version N+1 signed by N's and its own threshold)."""
+    for path in root_json:
+        version = app.trust_update(read_root_file(path), assume_time=parse_cli_time(assume_time))
+        click.echo(f"trusted root is now version {version}")
+
+
+@cli.command()
+@click.argument("bundle")
+@click.option("--assume-time", help=_TIME_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_appliance
+def verify(app: Appliance, bundle: str, assume_time: str | None, as_json: bool) -> None:
+    """Check BUNDLE's signatures and every byte, writing nothing (BUNDLE may be '-')."""
+    with ByteProgress() as progress:
+        verified = app.verify(bundle, assume_time=parse_cli_time(assume_time), progress=progress)
+    m = verified.manifest
+    if as_json:
+        emit_json(
+            {
+                "name": m.name,
+                "version": m.version,
+                "verified": True,
+                "manifest_sha256": verified.manifest_sha256,
+                "signers": sorted(verified.signers),
+                "payload_bytes": m.payload_size,
+            }
+        )
+    else:
+        click.echo(
+            f"OK {m.name} {m.version}: {len(m.entries)} files, {m.payload_size} bytes, "
+            f"signed by {len(verified.signers)} trusted key(s)"
+        )
+
+
+@cli.command()
+@click.argument("bundle")
+@click.option(
+    "--allow-downgrade",
+    is_flag=True,
+    help="Install even if not newer than the highest installed version (logged).",
+)
+@click.option(
+    "--keep",
+    type=click.IntRange(min=1),
+    default=DEFAULT_KEEP,
+    show_default=True,
+    help="Slots to keep, the active one included.",
+)
+@click.option("--assume-time", help=_TIME_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_appliance
+def install(
+    app: Appliance,
+    bundle: str,
+    allow_downgrade: bool,
+    keep: int,
+    assume_time: str | None,
+    as_json: bool,
+) -> None:
+    """Verify BUNDLE and install it into a new slot, then switch to it atomically."""
+    options = InstallOptions(
+        allow_downgrade=allow_downgrade, keep=keep, assume_time=parse_cli_time(assume_time)
+    )
+    with ByteProgress() as progress:
+        slot = app.install(bundle, options, progress=progress)
+    if as_json:
+        emit_json(slot.to_json())
+    else:
+        click.echo(f"installed {slot.name} {slot.version} into slot {slot.id}; now active")
+
+
+@cli.command()
+@click.option("--to", "to_version", help="Version to switch to (default: the previous slot).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_appliance
+def rollback(app: Appliance, to_version: str | None, as_json: bool) -> None:
+    """Switch back to an earlier slot, atomically and in constant time."""
+    before, after = app.rollback(to=to_version)
+    if as_json:
+        emit_json({"from": before.to_json(), "to": after.to_json()})
+    else:
+        click.echo(
+            f"rolled back {before.name} {before.version} -> {after.version} (slot {after.id})"
+        )
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_appliance
+def status(app: Appliance, as_json: bool) -> None:
+    """Show the active slot, the other slots and the trusted root."""
+    info = _status(app)
+    if as_json:
+        emit_json(info)
+        return
+    root = info["trust"]
+    click.echo(f"root:     {app.paths.root}")
+    if root:
+        click.echo(
+            f"trust:    root version {root['version']}, expires {root['expires']}, "
+            f"fingerprint {root['fingerprint'][:16]}"
+        )
+    else:
+        click.echo("trust:    not initialised")
+    active = info["active"]
+    click.echo(
+        f"active:   {active['name']} {active['version']} (slot {active['id']})"
+        if active
+        else "active:   none"
+    )
+    for slot in info["slots"]:
+        mark = "*" if active and slot["id"] == active["id"] else " "
+        click.echo(
+            f"  {mark} {slot['id']}  installed {slot['installed']}  signers {len(slot['signers'])}"
+        )
+
+
+def _status(app: Appliance) -> dict[str, Any]:
+    trust_info = None
+    if app.trust.is_initialised():
+        signed = app.trust.load()
+        trust_info = {
+            "version": signed.root.version,
+            "expires": format_time(signed.root.expires),
+            "fingerprint": signed.fingerprint,
+        }
+    current = app.slots.current()
+    state = HostState.load(app.paths.state)
+    return {
+        "root": str(app.paths.root),
+        "trust": trust_info,
+        "active": current.to_json() if current else None,
+        "slots": [s.to_json() for s in app.slots.list()],
+        "highest_installed": state.highest,
+        "time_floor": format_time(state.time_floor) if state.time_floor else None,
+    }
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON record per line, as stored.")
+@click.option("--check", is_flag=True, help="Verify the hash chain; exit 6 if it is broken.")
+@pass_appliance
+def history(app: Appliance, as_json: bool, check: bool) -> None:
+    """Show the audit log of everything that happened to this host."""
+    if check:
+        count = app.audit.check()
+        click.echo(f"audit log intact: {count} records, hash chain verified")
+        return
+    for record in app.audit.records():
+        if as_json:
+            emit_json(record)
+            continue
+        what = " ".join(str(record[k]) for k in ("name", "version") if k in record)
+        line = f"{record['seq']:>4} {record['time']} {record['event']:<12} {record['outcome']:<8}"
+        click.echo(f"{line} {what}" + (f"  {record['error']}" if "error" in record else ""))
+
+
+def main() -> NoReturn:
+    run_cli(cli, "appliance")
+
+
+__all__ = ["StateError", "cli", "main"]

@@ -1,0 +1,162 @@
+"""The appliance's directory on the host, its persistent state and its notion of time.
+
+Layout of the root directory (``--root``, ``APPLIANCE_ROOT``, default /var/lib/appliance)::
+
+    trust/root.json          the trusted root (canonical bytes as signed)
+    trust/history/N.root.json every root ever trusted, by version
+    state.json               highest version per bundle name, time floor, next slot number
+    slots/<seq>-<name>-<ver> verified, complete slots
+    current -> slots/...     the active slot (a symlink, switched by rename)
+    staging/, trash/         work in progress; removed by recovery after a crash
+    lock                     flock held by state-changing operations
+    audit.jsonl              the hash-chained audit log
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from appliance.audit import AuditLog
+from appliance.fsutil import atomic_write
+from signing.canonical import encode_canonical, format_time, parse_time
+from signing.errors import IntegrityError
+
+DEFAULT_ROOT: Final = Path("/var/lib/appliance")
+
+
+@dataclass(frozen=True)
+class HostPaths:
+    root: Path
+
+    @property
+    def trust(self) -> Path:
+        return self.root / "trust"
+
+    @property
+    def trusted_root(self) -> Path:
+        return self.trust / "root.json"
+
+    @property
+    def root_history(self) -> Path:
+        return self.trust / "history"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def slots(self) -> Path:
+        return self.root / "slots"
+
+    @property
+    def staging(self) -> Path:
+        return self.root / "staging"
+
+    @property
+    def trash(self) -> Path:
+        return self.root / "trash"
+
+    @property
+    def current(self) -> Path:
+        return self.root / "current"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "lock"
+
+    @property
+    def audit(self) -> Path:
+        return self.root / "audit.jsonl"
+
+    def ensure(self) -> None:
+        for directory in (
+            self.root,
+            self.trust,
+            self.root_history,
+            self.slots,
+            self.staging,
+            self.trash,
+        ):
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def audit_log(self) -> AuditLog:
+        return AuditLog(self.audit)
+
+
+@dataclass
+class HostState:
+    """What the host remembers across installs; written atomically under the host lock."""
+
+    highest: dict[str, str] = field(default_factory=dict)
+    time_floor: datetime | None = None
+    next_seq: int = 1
+
+    @classmethod
+    def load(cls, path: Path) -> HostState:
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return cls()
+        try:
+            obj: dict[str, Any] = json.loads(raw)
+            floor = obj["time_floor"]
+            return cls(
+                highest=dict(obj["highest"]),
+                time_floor=parse_time(floor, what="state time_floor") if floor else None,
+                next_seq=int(obj["next_seq"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError(f"host state {path} is damaged: {exc}") from None
+
+    def save(self, path: Path) -> None:
+        atomic_write(
+            path,
+            encode_canonical(
+                {
+                    "highest": self.highest,
+                    "time_floor": format_time(self.time_floor) if self.time_floor else None,
+                    "next_seq": self.next_seq,
+                }
+            ),
+        )
+
+    def see_signing_time(self, created: datetime) -> None:
+        if self.time_floor is None or created > self.time_floor:
+            self.time_floor = created
+
+
+@dataclass(frozen=True)
+class HostTime:
+    """The time used for expiry checks, and why (docs/bundle-format.md, "Clocks")."""
+
+    now: datetime
+    system: datetime
+    override: datetime | None
+    floored: bool
+
+    def audit_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        if self.override is not None:
+            fields["assumed_time"] = format_time(self.override)
+        if self.floored:
+            fields["clock_behind"] = format_time(self.system)
+        return fields
+
+
+def host_time(state: HostState, *, override: datetime | None) -> HostTime:
+    """Never trust a clock that is earlier than the newest signing time already seen.
+
+    The operator's ``--assume-time`` replaces the system clock (and is logged), but it is
+    floored the same way: no override can make an already-seen signature look unexpired by
+    moving time backwards past it.
+    """
+    system = datetime.now(UTC).replace(microsecond=0)
+    now = override if override is not None else system
+    floored = state.time_floor is not None and now < state.time_floor
+    if floored and state.time_floor is not None:
+        now = state.time_floor
+    return HostTime(now=now, system=system, override=override, floored=floored)

@@ -1,0 +1,412 @@
+"""Verify, install and roll back bundles on the host (the I/O orchestrator).
+
+The pure core (appliance.bundle, appliance.verifier) decides what is true; this module owns the
+bundle stream, the disk, the slots, the lock and the audit log, and cites the numbered steps of
+docs/bundle-format.md. Every outcome, refusals included, is written to the audit log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import queue
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+from appliance.bundle import DiscardSink, Limits, open_bundle, read_head, stream_payload
+from appliance.fsutil import atomic_write, fsync_dir
+from appliance.host import HostPaths, HostState, HostTime, host_time
+from appliance.lock import HostLock
+from appliance.slots import BUNDLE_DIR, PAYLOAD_DIR, SLOT_META, SlotInfo, SlotStore, slot_id
+from appliance.trust import TrustStore
+from appliance.verifier import VerifiedManifest, check_version, verify_head
+from signing.canonical import encode_canonical, format_time
+from signing.errors import AirgapError, InputError, StateError
+from signing.manifest import Entry
+
+DEFAULT_KEEP: Final = 3
+FAULT_ENV: Final = "APPLIANCE_FAULT_INJECT"
+
+
+class Progress(Protocol):
+    def start(self, total: int, description: str) -> None: ...
+
+    def advance(self, amount: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class InstallOptions:
+    allow_downgrade: bool = False
+    keep: int = DEFAULT_KEEP
+    assume_time: datetime | None = None
+
+
+class Appliance:
+    """The operations of ``appliance`` on one host root directory."""
+
+    def __init__(self, root: Path, *, limits: Limits | None = None) -> None:
+        self.paths = HostPaths(root)
+        self.limits = limits or Limits()
+        self.slots = SlotStore(self.paths)
+        self.trust = TrustStore(self.paths)
+        self.audit = self.paths.audit_log()
+
+    # -- verify ---------------------------------------------------------------------------
+
+    def verify(
+        self,
+        source: str,
+        *,
+        assume_time: datetime | None = None,
+        progress: Progress | None = None,
+    ) -> VerifiedManifest:
+        """Steps V1 to V9 without writing anything but the audit record."""
+        state = HostState.load(self.paths.state)
+        clock = host_time(state, override=assume_time)
+        with self._audited("verify", clock) as record:
+            root = self.trust.load().root
+            with _open_source(source) as stream:
+                tar = open_bundle(stream, self.limits)
+                head = read_head(tar, self.limits)
+                record["manifest_sha256"] = _sha256(head.manifest_bytes)
+                verified = verify_head(head, root=root, now=clock.now)
+                record.update(_bundle_fields(verified))
+                _start(progress, verified)
+                stream_payload(
+                    tar,
+                    verified.manifest,
+                    DiscardSink(self.limits.chunk_bytes),
+                    limits=self.limits,
+                    progress=progress.advance if progress else None,
+                )
+            return verified
+
+    # -- install --------------------------------------------------------------------------
+
+    def install(
+        self, source: str, options: InstallOptions, *, progress: Progress | None = None
+    ) -> SlotInfo:
+        self.paths.ensure()
+        with HostLock(self.paths.lock):
+            # I1: clean what a crashed operation left behind.
+            leftovers = self.slots.recover()
+            state = HostState.load(self.paths.state)
+            clock = host_time(state, override=options.assume_time)
+            extra: dict[str, Any] = {"allow_downgrade": options.allow_downgrade or None}
+            if leftovers:
+                extra["recovered"] = leftovers
+            with self._audited("install", clock, **extra) as record:
+                slot = self._install_locked(
+                    source,
+                    options=options,
+                    state=state,
+                    clock=clock,
+                    record=record,
+                    progress=progress,
+                )
+                record["slot"] = slot.id
+            return slot
+
+    def _install_locked(
+        self,
+        source: str,
+        *,
+        options: InstallOptions,
+        state: HostState,
+        clock: HostTime,
+        record: dict[str, Any],
+        progress: Progress | None,
+    ) -> SlotInfo:
+        # I2: the trusted root.
+        root = self.trust.load().root
+        with _open_source(source) as stream:
+            tar = open_bundle(stream, self.limits)
+            # I3: read, verify and judge the head before any payload byte is read.
+            head = read_head(tar, self.limits)
+            record["manifest_sha256"] = _sha256(head.manifest_bytes)
+            verified = verify_head(head, root=root, now=clock.now)
+            record.update(_bundle_fields(verified))
+            manifest = verified.manifest
+            check_version(
+                manifest,
+                highest=state.highest.get(manifest.name),
+                allow_downgrade=options.allow_downgrade,
+            )
+            # I4: room for the payload, so a full disk is a clear refusal, not a torn write.
+            free = shutil.disk_usage(self.paths.staging).free
+            if manifest.payload_size > free:
+                raise StateError(
+                    f"not enough space: bundle payload needs {manifest.payload_size} bytes, "
+                    f"{free} free in {self.paths.root}"
+                )
+            # I5: one pass: hash every member while the writer thread stores it in staging.
+            seq = state.next_seq
+            staging = self.slots.new_staging(slot_id(seq, manifest))
+            try:
+                _start(progress, verified)
+                with StagingSink(staging / PAYLOAD_DIR, self.limits) as sink:
+                    stream_payload(
+                        tar,
+                        manifest,
+                        sink,
+                        limits=self.limits,
+                        progress=progress.advance if progress else None,
+                    )
+                _crashpoint("after-payload")
+                # I6: the verified head and the slot's own record, then fsync the tree.
+                self._write_slot_metadata(
+                    staging,
+                    seq=seq,
+                    verified=verified,
+                    signature_block=head.signature_block,
+                    clock=clock,
+                    options=options,
+                )
+                # I7: health check of the new slot (runtime issue); none for plain files yet.
+                # I8: the complete slot appears in slots/ by one rename.
+                final = self.slots.commit(staging)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+        _crashpoint("after-commit")
+        # I9: switch `current` atomically; the old slot served until this instant.
+        self.slots.activate(final)
+        _crashpoint("after-switch")
+        # I10: remember the version and signing time; drop the oldest inactive slots.
+        state.highest[manifest.name] = manifest.version
+        state.see_signing_time(manifest.created)
+        state.next_seq = seq + 1
+        state.save(self.paths.state)
+        removed = self.slots.garbage_collect(options.keep)
+        if removed:
+            record["removed_slots"] = [s.id for s in removed]
+        return SlotInfo.read(final)
+
+    def _write_slot_metadata(
+        self,
+        staging: Path,
+        *,
+        seq: int,
+        verified: VerifiedManifest,
+        signature_block: bytes,
+        clock: HostTime,
+        options: InstallOptions,
+    ) -> None:
+        bundle_dir = staging / BUNDLE_DIR
+        bundle_dir.mkdir()
+        atomic_write(bundle_dir / "manifest.json", verified.manifest_bytes)
+        atomic_write(bundle_dir / "signatures.json", signature_block.rstrip(b" "))
+        manifest = verified.manifest
+        meta = {
+            "seq": seq,
+            "name": manifest.name,
+            "version": manifest.version,
+            "manifest_sha256": verified.manifest_sha256,
+            "signers": sorted(verified.signers),
+            "installed": format_time(clock.now),
+            "created": format_time(manifest.created),
+            "allow_downgrade": options.allow_downgrade,
+        }
+        atomic_write(staging / SLOT_META, encode_canonical(meta))
+
+    # -- rollback -------------------------------------------------------------------------
+
+    def rollback(self, *, to: str | None = None) -> tuple[SlotInfo, SlotInfo]:
+        """Switch ``current`` to an earlier slot in one rename. Returns (from, to)."""
+        self.paths.ensure()
+        with HostLock(self.paths.lock):
+            self.slots.recover()
+            state = HostState.load(self.paths.state)
+            clock = host_time(state, override=None)
+            with self._audited("rollback", clock) as record:
+                current = self.slots.current()
+                if current is None:
+                    raise StateError("no active slot: nothing to roll back")
+                record.update(name=current.name, version=current.version, slot_from=current.id)
+                target = (
+                    self.slots.find(to, name=current.name)
+                    if to is not None
+                    else self.slots.previous(current)
+                )
+                if target.id == current.id:
+                    raise StateError(f"version {target.version} is already active")
+                self.slots.activate(target.path)
+                record.update(slot=target.id, to_version=target.version)
+            return current, target
+
+    # -- trust ----------------------------------------------------------------------------
+
+    def trust_init(self, data: bytes, *, fingerprint: str | None) -> str:
+        self.paths.ensure()
+        with HostLock(self.paths.lock):
+            clock = host_time(HostState.load(self.paths.state), override=None)
+            with self._audited("trust-init", clock) as record:
+                signed = self.trust.initialise(data, fingerprint=fingerprint, now=clock.now)
+                record.update(root_version=signed.root.version, fingerprint=signed.fingerprint)
+                return signed.fingerprint
+
+    def trust_update(self, data: bytes, *, assume_time: datetime | None = None) -> int:
+        self.paths.ensure()
+        with HostLock(self.paths.lock):
+            clock = host_time(HostState.load(self.paths.state), override=assume_time)
+            with self._audited("trust-update", clock) as record:
+                signed = self.trust.rotate(data, now=clock.now)
+                record.update(root_version=signed.root.version, fingerprint=signed.fingerprint)
+                return signed.root.version
+
+    # -- audit ----------------------------------------------------------------------------
+
+    @contextmanager
+    def _audited(self, event: str, clock: HostTime, **fields: Any) -> Iterator[dict[str, Any]]:
+        """Write one audit record for the operation, whatever its outcome."""
+        record: dict[str, Any] = {**clock.audit_fields(), **fields}
+        try:
+            yield record
+        except AirgapError as exc:
+            outcome = "refused" if exc.exit_code in (3, 4) else "failed"
+            self._append(event, outcome, clock, record, error=exc.diagnostics())
+            raise
+        except OSError as exc:
+            self._append(event, "failed", clock, record, error=str(exc))
+            raise StateError(f"{event} failed: {exc}") from exc
+        self._append(event, "ok", clock, record)
+
+    def _append(
+        self, event: str, outcome: str, clock: HostTime, record: dict[str, Any], **more: Any
+    ) -> None:
+        if not self.paths.root.is_dir():
+            return
+        self.audit.append(time=clock.system, event=event, outcome=outcome, **record, **more)
+
+
+class StagingSink:
+    """Writes payload files into staging on a thread of its own, fsyncing each file.
+
+    The reader thread hashes chunk N+1 while this thread writes chunk N: both hashlib and
+    os.write release the GIL. A fixed pool of buffers bounds memory whatever the bundle size.
+    """
+
+    def __init__(self, payload_dir: Path, limits: Limits) -> None:
+        self._dir = payload_dir
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(limits.buffers):
+            self._free.put(bytearray(limits.chunk_bytes))
+        self._ops: queue.Queue[tuple[str, Any, int]] = queue.Queue()
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="staging-writer", daemon=True)
+
+    def __enter__(self) -> StagingSink:
+        self._dir.mkdir(parents=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        self._ops.put(("stop", None, 0))
+        self._thread.join()
+        if exc_type is None:
+            self._raise_if_failed()
+
+    def buffer(self) -> bytearray:
+        self._raise_if_failed()
+        return self._free.get()
+
+    def begin(self, entry: Entry) -> None:
+        self._ops.put(("begin", entry.path, 0))
+
+    def write(self, buffer: bytearray, length: int) -> None:
+        self._ops.put(("write", buffer, length))
+
+    def end(self, entry: Entry) -> None:
+        self._ops.put(("end", entry.path, 0))
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise StateError(f"cannot write the staging slot: {self._error}")
+
+    def _run(self) -> None:
+        fd = -1
+        made_dirs: set[Path] = {self._dir}
+        while True:
+            op, arg, length = self._ops.get()
+            if op == "stop":
+                break
+            try:
+                if self._error is not None:
+                    continue
+                if op == "begin":
+                    path = self._dir / arg
+                    _make_parents(path.parent, made_dirs)
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                    fd = os.open(path, flags, 0o644)
+                elif op == "write":
+                    view = memoryview(arg)[:length]
+                    while view:
+                        view = view[os.write(fd, view) :]
+                elif op == "end":
+                    os.fsync(fd)
+                    os.close(fd)
+                    fd = -1
+            except OSError as exc:
+                self._error = exc
+            finally:
+                if op == "write":
+                    self._free.put(arg)
+        if fd >= 0:
+            os.close(fd)
+        if self._error is None:
+            for directory in sorted(made_dirs, key=lambda p: len(p.parts), reverse=True):
+                fsync_dir(directory)
+
+
+def _make_parents(directory: Path, made: set[Path]) -> None:
+    if directory in made:
+        return
+    _make_parents(directory.parent, made)
+    directory.mkdir()
+    made.add(directory)
+
+
+def _open_source(source: str) -> io.FileIO:
+    """The bundle stream, unbuffered: a file, or standard input for ``-`` (a data diode)."""
+    try:
+        if source == "-":
+            return io.FileIO(sys.stdin.fileno(), "rb", closefd=False)
+        return io.FileIO(source, "rb")
+    except OSError as exc:
+        raise InputError(f"cannot open bundle {source}: {exc.strerror}") from None
+
+
+def _start(progress: Progress | None, verified: VerifiedManifest) -> None:
+    if progress is not None:
+        manifest = verified.manifest
+        progress.start(manifest.payload_size, f"{manifest.name} {manifest.version}")
+
+
+def _bundle_fields(verified: VerifiedManifest) -> dict[str, Any]:
+    return {
+        "name": verified.manifest.name,
+        "version": verified.manifest.version,
+        "signers": sorted(verified.signers),
+    }
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _crashpoint(name: str) -> None:
+    """Fault injection for the crash tests: SIGKILL ourselves at a named step.
+
+    Only active when APPLIANCE_FAULT_INJECT names this step; see docs/adr/0004.
+    """
+    if os.environ.get(FAULT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)

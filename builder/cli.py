@@ -1,0 +1,312 @@
+"""``appliance-builder``: the online half's command line (docs/cli.md)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import NoReturn
+
+import click
+
+from appliance.bundle import Limits, open_bundle, read_head
+from appliance.console import ByteProgress, emit_json, parse_cli_time, run_cli
+from builder.build import build_bundle
+from builder.pack import DEFAULT_SIGNATURE_SPACE, cosign_in_place
+from builder.tinymodel import write_tiny_llama
+from signing.canonical import format_time
+from signing.errors import InputError
+from signing.keys import (
+    PublicKey,
+    SigningKey,
+    load_public_key,
+    load_signing_key,
+    write_key_pair,
+)
+from signing.manifest import BundleManifest, decode_signature_block
+from signing.metadata import (
+    BUNDLE_ROLE,
+    ROOT_ROLE,
+    Role,
+    Root,
+    SignedRoot,
+    sign_root,
+    verify_root,
+    verify_rotation,
+    verify_threshold,
+)
+
+_PASSPHRASE_ENV = "APPLIANCE_KEY_PASSPHRASE"  # noqa: S105 - a variable name
+_passphrase_option = click.option(
+    "--passphrase",
+    envvar=_PASSPHRASE_ENV,
+    show_envvar=True,
+    help="Passphrase of the private key(s). Never prompted for.",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Build and sign bundles for isolated hosts."""
+
+
+@cli.command()
+@click.argument("keyfile", type=click.Path(path_type=Path))
+@_passphrase_option
+def keygen(keyfile: Path, passphrase: str | None) -> None:
+    """Write a new Ed25519 key to KEYFILE (mode 0600) and KEYFILE.pub."""
+    key = SigningKey.generate()
+    write_key_pair(keyfile, key, _encode(passphrase))
+    click.echo(f"wrote {keyfile} and {keyfile}.pub; keyid {key.keyid}")
+
+
+@cli.group()
+def root() -> None:
+    """Create, co-sign and check root metadata (keys, roles, thresholds)."""
+
+
+@root.command("create")
+@click.option(
+    "--root-key",
+    "root_keys",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Root key: a private key signs now, a .pub is listed to sign later.",
+)
+@click.option(
+    "--bundle-key",
+    "bundle_keys",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Public key allowed to sign bundles.",
+)
+@click.option(
+    "--threshold",
+    type=click.IntRange(min=1),
+    required=True,
+    help="Bundle signatures required (M of N).",
+)
+@click.option(
+    "--root-threshold",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Root signatures required to trust the root or a rotation.",
+)
+@click.option("--expires", help="Expiry, YYYY-MM-DDTHH:MM:SSZ (default: one year from now).")
+@click.option(
+    "--previous",
+    type=click.Path(path_type=Path),
+    help="The root this one rotates from: version becomes its version + 1.",
+)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
+@_passphrase_option
+def root_create(
+    root_keys: tuple[Path, ...],
+    bundle_keys: tuple[Path, ...],
+    threshold: int,
+    root_threshold: int,
+    expires: str | None,
+    previous: Path | None,
+    output: Path,
+    passphrase: str | None,
+) -> None:
+    """Create root metadata, signed by every private root key given."""
+    publics: dict[str, PublicKey] = {}
+    signers: list[SigningKey] = []
+    root_ids = []
+    for path in root_keys:
+        public, private = _load_any_key(path, passphrase)
+        publics[public.keyid] = public
+        root_ids.append(public.keyid)
+        if private is not None:
+            signers.append(private)
+    bundle_ids = []
+    for path in bundle_keys:
+        public = load_public_key(path)
+        publics[public.keyid] = public
+        bundle_ids.append(public.keyid)
+    version = 1
+    if previous is not None:
+        version = SignedRoot.from_bytes(_read(previous)).root.version + 1
+    new_root = Root(
+        version=version,
+        expires=parse_cli_time(expires) or _one_year_from_now(),
+        keys=publics,
+        roles={
+            ROOT_ROLE: Role(keyids=tuple(sorted(set(root_ids))), threshold=root_threshold),
+            BUNDLE_ROLE: Role(keyids=tuple(sorted(set(bundle_ids))), threshold=threshold),
+        },
+    )
+    signed = sign_root(new_root, signers)
+    output.write_bytes(signed.to_bytes())
+    click.echo(f"wrote root version {version} to {output}; fingerprint {signed.fingerprint}")
+    click.echo(f"signed by {len(signers)} of {root_threshold} required root keys", err=True)
+
+
+@root.command("sign")
+@click.argument("root_json", type=click.Path(path_type=Path))
+@click.option("--key", "keys", multiple=True, required=True, type=click.Path(path_type=Path))
+@_passphrase_option
+def root_sign(root_json: Path, keys: tuple[Path, ...], passphrase: str | None) -> None:
+    """Add signatures to ROOT_JSON in place (e.g. the old root keys of a rotation)."""
+    signed = SignedRoot.from_bytes(_read(root_json))
+    for path in keys:
+        signed = signed.with_signature(load_signing_key(path, _encode(passphrase)))
+    root_json.write_bytes(signed.to_bytes())
+    click.echo(f"{root_json}: {len(signed.signatures)} signature(s)")
+
+
+@root.command("verify")
+@click.argument("root_json", type=click.Path(path_type=Path))
+@click.option(
+    "--previous",
+    type=click.Path(path_type=Path),
+    help="Check ROOT_JSON as a rotation from this trusted root.",
+)
+def root_verify(root_json: Path, previous: Path | None) -> None:
+    """Check that ROOT_JSON is self-signed (and a valid rotation of --previous)."""
+    signed = SignedRoot.from_bytes(_read(root_json))
+    if previous is not None:
+        verify_rotation(SignedRoot.from_bytes(_read(previous)).root, signed)
+    verify_root(signed)
+    click.echo(f"OK root version {signed.root.version}, fingerprint {signed.fingerprint}")
+
+
+@root.command("fingerprint")
+@click.argument("root_json", type=click.Path(path_type=Path))
+def root_fingerprint(root_json: Path) -> None:
+    """Print ROOT_JSON's fingerprint, to give to host operators out of band."""
+    click.echo(SignedRoot.from_bytes(_read(root_json)).fingerprint)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option(
+    "--key",
+    "keys",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Private bundle key to sign with (repeat for M-of-N).",
+)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "--signature-space",
+    type=click.IntRange(min=512),
+    default=DEFAULT_SIGNATURE_SPACE,
+    show_default=True,
+    help="Bytes reserved for signatures, so co-signing never moves the payload.",
+)
+@_passphrase_option
+def build(
+    recipe: Path, keys: tuple[Path, ...], output: Path, signature_space: int, passphrase: str | None
+) -> None:
+    """Build a deterministic bundle from RECIPE."""
+    signing_keys = [load_signing_key(k, _encode(passphrase)) for k in keys]
+    with ByteProgress() as progress:
+        progress.start(0, "writing bundle")
+        manifest = build_bundle(
+            recipe,
+            output,
+            signing_keys,
+            signature_space=signature_space,
+            progress=progress.callback(),
+        )
+    click.echo(
+        f"wrote {output}: {manifest.name} {manifest.version}, {len(manifest.entries)} "
+        f"files, {manifest.payload_size} bytes, {len(signing_keys)} signature(s)"
+    )
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--key", "keys", multiple=True, required=True, type=click.Path(path_type=Path))
+@_passphrase_option
+def sign(bundle: Path, keys: tuple[Path, ...], passphrase: str | None) -> None:
+    """Co-sign BUNDLE in place; the payload is not rewritten."""
+    signing_keys = [load_signing_key(k, _encode(passphrase)) for k in keys]
+    signers = cosign_in_place(bundle, signing_keys)
+    click.echo(f"{bundle}: signed by {len(signers)} key(s)")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option(
+    "--root",
+    "root_json",
+    type=click.Path(path_type=Path),
+    help="Also check the signatures against this root's bundle role.",
+)
+@click.option("--json", "as_json", is_flag=True)
+def inspect(bundle: Path, root_json: Path | None, as_json: bool) -> None:
+    """Show a bundle's manifest and signers (reads only the head, not the payload)."""
+    limits = Limits()
+    try:
+        fh = bundle.open("rb")
+    except OSError as exc:
+        raise InputError(f"cannot open {bundle}: {exc.strerror}") from None
+    with fh:
+        head = read_head(open_bundle(fh, limits), limits)
+    manifest = BundleManifest.from_bytes(head.manifest_bytes)
+    signatures = decode_signature_block(head.signature_block)
+    info = manifest.to_dict() | {"signatures": sorted(s.keyid for s in signatures)}
+    if root_json is not None:
+        trusted = SignedRoot.from_bytes(_read(root_json)).root
+        info["verified_signers"] = sorted(
+            verify_threshold(
+                head.manifest_bytes,
+                signatures,
+                keys=trusted.keys,
+                role=trusted.roles[BUNDLE_ROLE],
+                role_name=BUNDLE_ROLE,
+                what="bundle manifest",
+            )
+        )
+    if as_json:
+        emit_json(info)
+        return
+    click.echo(f"bundle   {manifest.name} {manifest.version}")
+    click.echo(f"created  {format_time(manifest.created)}  expires {format_time(manifest.expires)}")
+    click.echo(f"runtime  {dict(manifest.runtime)}")
+    click.echo(f"model    {manifest.model_path}")
+    click.echo(f"signed   {len(signatures)}: {', '.join(s.keyid[:12] for s in signatures)}")
+    if "verified_signers" in info:
+        click.echo(f"verified {len(info['verified_signers'])} signature(s) against {root_json}")
+    for e in manifest.entries:
+        click.echo(f"  {e.sha256[:12]}  {e.size:>12}  {e.kind:<7} {e.path}")
+
+
+@cli.command("tiny-model")
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True)
+def tiny_model(output: Path, seed: int) -> None:
+    """Generate the embedded default model: a tiny llama GGUF with random weights."""
+    write_tiny_llama(output, seed=seed)
+    click.echo(f"wrote {output} ({output.stat().st_size} bytes)")
+
+
+def _load_any_key(path: Path, passphrase: str | None) -> tuple[PublicKey, SigningKey | None]:
+    if b"PRIVATE KEY" in _read(path):
+        private = load_signing_key(path, _encode(passphrase))
+        return private.public_key, private
+    return load_public_key(path), None
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _encode(passphrase: str | None) -> bytes | None:
+    return passphrase.encode("utf-8") if passphrase else None
+
+
+def _one_year_from_now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0) + timedelta(days=365)
+
+
+def main() -> NoReturn:
+    run_cli(cli, "appliance-builder")

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# End-to-end demo on the embedded default: keys, a 2-of-2 root, a tiny generated model,
+# bundles v1 and v2, verify, install both, status, a refused tampered bundle, rollback, history.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+OUT=out/demo
+rm -rf "$OUT" && mkdir -p "$OUT/keys" "$OUT/v2/models" bundles/models
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(date +%s)}
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "keys: one root key, two bundle signers (2-of-2)"
+appliance-builder keygen "$OUT/keys/root.pem"
+appliance-builder keygen "$OUT/keys/signer-a.pem"
+appliance-builder keygen "$OUT/keys/signer-b.pem"
+appliance-builder root create --root-key "$OUT/keys/root.pem" \
+  --bundle-key "$OUT/keys/signer-a.pem.pub" --bundle-key "$OUT/keys/signer-b.pem.pub" \
+  --threshold 2 -o "$OUT/root.json"
+
+step "model and recipes: v1 from bundles/demo.toml, v2 with new weights"
+appliance-builder tiny-model bundles/models/tiny.gguf --seed 1
+appliance-builder tiny-model "$OUT/v2/models/tiny.gguf" --seed 2
+sed 's/^version = "1.0.0"/version = "1.1.0"/' bundles/demo.toml > "$OUT/v2/demo.toml"
+
+step "build v1 signed by signer A, then co-signed in place by signer B"
+appliance-builder build bundles/demo.toml --key "$OUT/keys/signer-a.pem" -o "$OUT/demo-1.0.0.tar"
+appliance-builder sign "$OUT/demo-1.0.0.tar" --key "$OUT/keys/signer-b.pem"
+appliance-builder build "$OUT/v2/demo.toml" --key "$OUT/keys/signer-a.pem" \
+  --key "$OUT/keys/signer-b.pem" -o "$OUT/demo-1.1.0.tar"
+appliance-builder inspect "$OUT/demo-1.0.0.tar" --root "$OUT/root.json"
+
+step "isolated host (no network from here on: unshare -n when available)"
+NONET=()
+if unshare -n true 2>/dev/null; then NONET=(unshare -n); fi
+host() { "${NONET[@]}" appliance --root "$OUT/host" "$@"; }
+FP=$(appliance-builder root fingerprint "$OUT/root.json")
+host trust init "$OUT/root.json" --fingerprint "$FP"
+host verify "$OUT/demo-1.0.0.tar"
+host install "$OUT/demo-1.0.0.tar"
+host install "$OUT/demo-1.1.0.tar"
+host status
+
+step "a tampered bundle is refused and the active slot is untouched"
+cp "$OUT/demo-1.1.0.tar" "$OUT/tampered.tar"
+printf "X" | dd of="$OUT/tampered.tar" bs=1 seek=100000 conv=notrunc status=none  # a byte of model weights
+if host install "$OUT/tampered.tar" --allow-downgrade; then echo "tampered bundle was accepted!"; exit 1; fi
+
+step "rollback to 1.0.0, then the audit log and its hash chain"
+host rollback
+host status
+host history
+host history --check
+printf '\n\033[1mdemo finished: active slot is %s\033[0m\n' "$(readlink "$OUT/host/current")"

@@ -1,0 +1,85 @@
+"""The one exception hierarchy of airgap-appliance.
+
+Every error that a user can cause derives from :class:`AirgapError`. The CLIs catch it once, at
+the top, print :meth:`AirgapError.diagnostics` as one line and exit with :attr:`exit_code`.
+Exit codes are documented in docs/cli.md; keep that table in step with this module.
+
+It lives in ``signing`` because both halves (``builder`` and ``appliance``) import ``signing``,
+and ``signing`` imports neither.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class AirgapError(Exception):
+    """Root of every error this project raises on purpose."""
+
+    exit_code: ClassVar[int] = 1
+
+    def diagnostics(self) -> str:
+        """One line for the operator: what failed and why."""
+        return " ".join(str(self).split())
+
+
+class InputError(AirgapError):
+    """A file or argument the user gave cannot be used (missing, unreadable, wrong kind)."""
+
+    exit_code = 2
+
+
+class KeyFileError(InputError):
+    """A key file cannot be read, decrypted or is not an Ed25519 key."""
+
+
+class RecipeError(InputError):
+    """A recipe is not valid TOML or does not match the recipe schema."""
+
+
+class VerificationError(AirgapError):
+    """Something that must be proven good is not: refuse it."""
+
+    exit_code = 3
+
+
+class FormatError(VerificationError):
+    """Signed data or a bundle is malformed: not canonical, wrong schema, bad tar structure."""
+
+
+class SignatureError(VerificationError):
+    """Signatures do not reach the threshold of the role that must sign."""
+
+
+class UnsignedError(SignatureError):
+    """Data that must be signed carries no signature at all."""
+
+
+class ExpiredError(VerificationError):
+    """Metadata is past its expiry time."""
+
+
+class RotationError(VerificationError):
+    """A new root is not a valid successor of the trusted root."""
+
+
+class PayloadError(VerificationError):
+    """A bundle's payload does not match its signed manifest."""
+
+
+class PolicyError(AirgapError):
+    """Proven-good input that host policy refuses (downgrade, replay)."""
+
+    exit_code = 4
+
+
+class StateError(AirgapError):
+    """The host's state does not allow the operation (no trust root, lock held, no slot)."""
+
+    exit_code = 5
+
+
+class IntegrityError(AirgapError):
+    """Local state was tampered with or damaged (audit chain broken, slot files changed)."""
+
+    exit_code = 6

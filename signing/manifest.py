@@ -1,0 +1,251 @@
+"""The signed bundle manifest and its signature block (docs/bundle-format.md, sections 2 and 3).
+
+Both halves use this module: the builder writes manifests, the appliance verifies them. Parsing
+is strict and total: any input either yields a frozen :class:`BundleManifest` or raises
+:class:`~signing.errors.FormatError` with one line naming the field.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any, Final
+
+from packaging.version import InvalidVersion, Version
+
+from signing.canonical import decode_canonical, encode_canonical, format_time, parse_time
+from signing.errors import FormatError
+from signing.metadata import Signature, parse_signatures, signatures_to_list
+
+FORMAT_VERSION: Final = 1
+MANIFEST_TYPE: Final = "bundle"
+ENTRY_KINDS: Final = frozenset({"model", "recipe", "package", "lock", "sbom", "file"})
+BACKENDS: Final = frozenset({"llama.cpp", "transformers"})
+
+_NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
+# Entry paths become tar member names "payload/<path>"; ustar holds at most 255 bytes of name.
+MAX_PATH_BYTES: Final = 240
+MAX_ENTRIES: Final = 100_000
+
+
+def check_relative_path(path: object, *, what: str) -> str:
+    """Return ``path`` if it is a safe relative POSIX path, else raise FormatError.
+
+    Safe means: non-empty components separated by single slashes, none of them ``.`` or
+    ``..``, no leading slash, no backslash, no control characters, at most MAX_PATH_BYTES.
+    The same rule guards tar member names and manifest entries (defence in depth: a signed
+    manifest from a compromised signer still cannot write outside the slot).
+    """
+    if not isinstance(path, str) or not path:
+        raise FormatError(f"{what}: path must be a non-empty string")
+    if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise FormatError(f"{what}: path longer than {MAX_PATH_BYTES} bytes")
+    if path.startswith("/"):
+        raise FormatError(f"{what}: absolute path {path!r}")
+    if "\\" in path or any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+        raise FormatError(f"{what}: path {path!r} has a backslash or control character")
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            raise FormatError(f"{what}: path {path!r} has an empty, '.' or '..' component")
+    return path
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One payload file: where it goes in the slot, how big it is, what it hashes to."""
+
+    path: str
+    size: int
+    sha256: str
+    kind: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "sha256": self.sha256, "kind": self.kind}
+
+    @classmethod
+    def from_dict(cls, value: object, *, what: str) -> Entry:
+        obj = _exact_object(value, {"path", "size", "sha256", "kind"}, what=what)
+        path = check_relative_path(obj["path"], what=what)
+        size = obj["size"]
+        if not _is_int(size) or size < 0:
+            raise FormatError(f"{what} {path!r}: size must be a non-negative integer")
+        digest = obj["sha256"]
+        if not isinstance(digest, str) or not _SHA256_RE.fullmatch(digest):
+            raise FormatError(f"{what} {path!r}: sha256 must be 64 lowercase hex digits")
+        kind = obj["kind"]
+        if kind not in ENTRY_KINDS:
+            raise FormatError(f"{what} {path!r}: unknown kind {kind!r}")
+        return cls(path=path, size=size, sha256=digest, kind=kind)
+
+
+@dataclass(frozen=True)
+class BundleManifest:
+    """What a threshold of bundle keys vouches for: identity, validity and every payload byte."""
+
+    name: str
+    version: str
+    created: datetime
+    expires: datetime
+    runtime: Mapping[str, Any]
+    model_path: str
+    entries: tuple[Entry, ...]
+    _parsed_version: Version = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not _NAME_RE.fullmatch(self.name):
+            raise FormatError(f"manifest: name {self.name!r} must match {_NAME_RE.pattern}")
+        object.__setattr__(self, "_parsed_version", self.parse_version(self.version))
+        object.__setattr__(self, "runtime", MappingProxyType(dict(self.runtime)))
+        if self.expires <= self.created:
+            raise FormatError("manifest: expires must be later than created")
+        if self.runtime.get("backend") not in BACKENDS:
+            raise FormatError(f"manifest: runtime.backend must be one of {sorted(BACKENDS)}")
+        check_relative_path(self.model_path, what="manifest model.path")
+        _check_entries(self.entries)
+        if not any(
+            e.path == self.model_path or e.path.startswith(self.model_path + "/")
+            for e in self.entries
+        ):
+            raise FormatError(f"manifest: model.path {self.model_path!r} names no entry")
+
+    @property
+    def parsed_version(self) -> Version:
+        return self._parsed_version
+
+    @staticmethod
+    def parse_version(text: str) -> Version:
+        """Versions compare as PEP 440 versions ("1.10.0" is newer than "1.9.0")."""
+        try:
+            return Version(text)
+        except InvalidVersion:
+            raise FormatError(f"version {text!r} is not a valid version") from None
+
+    @property
+    def payload_size(self) -> int:
+        return sum(e.size for e in self.entries)
+
+    def is_expired(self, now: datetime) -> bool:
+        return now >= self.expires
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "_type": MANIFEST_TYPE,
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "version": self.version,
+            "created": format_time(self.created),
+            "expires": format_time(self.expires),
+            "runtime": dict(self.runtime),
+            "model": {"path": self.model_path},
+            "entries": [e.to_dict() for e in self.entries],
+        }
+
+    def to_bytes(self) -> bytes:
+        """The exact bytes that are signed and stored as the bundle's manifest member."""
+        return encode_canonical(self.to_dict())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> BundleManifest:
+        obj = _exact_object(
+            decode_canonical(data, what="manifest"),
+            {
+                "_type",
+                "format_version",
+                "name",
+                "version",
+                "created",
+                "expires",
+                "runtime",
+                "model",
+                "entries",
+            },
+            what="manifest",
+        )
+        if obj["_type"] != MANIFEST_TYPE:
+            raise FormatError(f"manifest: _type must be {MANIFEST_TYPE!r}, got {obj['_type']!r}")
+        if obj["format_version"] != FORMAT_VERSION or not _is_int(obj["format_version"]):
+            raise FormatError(
+                f"manifest: format_version {obj['format_version']!r} is not supported "
+                f"(this appliance reads {FORMAT_VERSION})"
+            )
+        for key in ("name", "version"):
+            if not isinstance(obj[key], str):
+                raise FormatError(f"manifest: {key} must be a string")
+        runtime = obj["runtime"]
+        if not isinstance(runtime, dict):
+            raise FormatError("manifest: runtime must be an object")
+        model = _exact_object(obj["model"], {"path"}, what="manifest model")
+        raw_entries = obj["entries"]
+        if not isinstance(raw_entries, list):
+            raise FormatError("manifest: entries must be a list")
+        if len(raw_entries) > MAX_ENTRIES:
+            raise FormatError(f"manifest: more than {MAX_ENTRIES} entries")
+        entries = tuple(Entry.from_dict(e, what="manifest entry") for e in raw_entries)
+        return cls(
+            name=obj["name"],
+            version=obj["version"],
+            created=parse_time(obj["created"], what="manifest created"),
+            expires=parse_time(obj["expires"], what="manifest expires"),
+            runtime=runtime,
+            model_path=model["path"],
+            entries=entries,
+        )
+
+
+def encode_signature_block(signatures: Iterable[Signature], *, space: int) -> bytes:
+    """Serialise signatures, padded with spaces to exactly ``space`` bytes (format section 3).
+
+    The fixed size is what lets ``appliance-builder sign`` add a signature in place, in
+    constant time, without moving a single payload byte.
+    """
+    body = encode_canonical({"signatures": signatures_to_list(signatures)})
+    if len(body) > space:
+        raise FormatError(
+            f"signature block needs {len(body)} bytes but the bundle reserves {space}"
+        )
+    return body + b" " * (space - len(body))
+
+
+def decode_signature_block(data: bytes) -> tuple[Signature, ...]:
+    """Parse a signature block: canonical JSON followed only by space padding."""
+    body = data.rstrip(b" ")
+    obj = _exact_object(
+        decode_canonical(body, what="signatures"), {"signatures"}, what="signatures"
+    )
+    return parse_signatures(obj["signatures"], what="signatures")
+
+
+def _check_entries(entries: tuple[Entry, ...]) -> None:
+    paths = [e.path for e in entries]
+    if paths != sorted(paths):
+        raise FormatError("manifest: entries are not sorted by path")
+    for before, after in itertools.pairwise(paths):
+        if before == after:
+            raise FormatError(f"manifest: duplicate entry {after!r}")
+    names = set(paths)
+    for path in paths:
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in names:
+                raise FormatError(f"manifest: entry {'/'.join(parts[:i])!r} is also a directory")
+
+
+def _exact_object(value: object, keys: set[str], *, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise FormatError(f"{what}: must be a JSON object")
+    missing = keys - value.keys()
+    extra = value.keys() - keys
+    if missing:
+        raise FormatError(f"{what}: missing field {sorted(missing)[0]!r}")
+    if extra:
+        raise FormatError(f"{what}: unknown field {sorted(extra)[0]!r}")
+    return value
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
