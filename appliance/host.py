@@ -24,6 +24,7 @@ from appliance.audit import AuditLog
 from appliance.fsutil import atomic_write
 from signing.canonical import encode_canonical, format_time, parse_time
 from signing.errors import IntegrityError
+from signing.manifest import BundleManifest
 
 DEFAULT_ROOT: Final = Path("/var/lib/appliance")
 
@@ -127,6 +128,21 @@ class HostState:
     def see_signing_time(self, created: datetime) -> None:
         if self.time_floor is None or created > self.time_floor:
             self.time_floor = created
+
+    def see_installed(self, *, name: str, version: str, seq: int, created: datetime) -> None:
+        """Account for an installed slot: its version, its signing time, its number.
+
+        Called for the slot an install just activated, and for every slot found on disk
+        before an install: a crash between the slot's rename (I8) and the state write (I10)
+        leaves a slot that state.json does not know yet, and the slots are the ground truth.
+        """
+        highest = self.highest.get(name)
+        if highest is None or BundleManifest.parse_version(version) > (
+            BundleManifest.parse_version(highest)
+        ):
+            self.highest[name] = version
+        self.see_signing_time(created)
+        self.next_seq = max(self.next_seq, seq + 1)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from appliance.lock import HostLock
 from appliance.slots import BUNDLE_DIR, PAYLOAD_DIR, SLOT_META, SlotInfo, SlotStore, slot_id
 from appliance.trust import TrustStore
 from appliance.verifier import VerifiedManifest, check_version, verify_head
-from signing.canonical import encode_canonical, format_time
+from signing.canonical import encode_canonical, format_time, parse_time
 from signing.errors import AirgapError, InputError, StateError
 from signing.manifest import Entry
 
@@ -100,6 +100,13 @@ class Appliance:
             # I1: clean what a crashed operation left behind.
             leftovers = self.slots.recover()
             state = HostState.load(self.paths.state)
+            for slot in self.slots.list():
+                state.see_installed(
+                    name=slot.name,
+                    version=slot.version,
+                    seq=slot.seq,
+                    created=parse_time(slot.created, what=f"slot {slot.id} created"),
+                )
             clock = host_time(state, override=options.assume_time)
             extra: dict[str, Any] = {"allow_downgrade": options.allow_downgrade or None}
             if leftovers:
@@ -182,9 +189,9 @@ class Appliance:
         self.slots.activate(final)
         _crashpoint("after-switch")
         # I10: remember the version and signing time; drop the oldest inactive slots.
-        state.highest[manifest.name] = manifest.version
-        state.see_signing_time(manifest.created)
-        state.next_seq = seq + 1
+        state.see_installed(
+            name=manifest.name, version=manifest.version, seq=seq, created=manifest.created
+        )
         state.save(self.paths.state)
         removed = self.slots.garbage_collect(options.keep)
         if removed:

@@ -226,8 +226,11 @@ def build(
 def sign(bundle: Path, keys: tuple[Path, ...], passphrase: str | None) -> None:
     """Co-sign BUNDLE in place; the payload is not rewritten."""
     signing_keys = [load_signing_key(k, _encode(passphrase)) for k in keys]
-    signers = cosign_in_place(bundle, signing_keys)
-    click.echo(f"{bundle}: signed by {len(signers)} key(s)")
+    manifest, signers = cosign_in_place(bundle, signing_keys)
+    click.echo(
+        f"{bundle}: {manifest.name} {manifest.version} (manifest sha256 "
+        f"{manifest.sha256()[:16]}) now signed by {len(signers)} key(s)"
+    )
 
 
 @cli.command()

@@ -28,7 +28,7 @@ from appliance.bundle import (
     read_head,
 )
 from appliance.tarstream import BLOCK, padded
-from signing.errors import FormatError, InputError
+from signing.errors import InputError
 from signing.keys import SigningKey
 from signing.manifest import (
     BundleManifest,
@@ -96,10 +96,13 @@ def write_bundle(
         tmp.unlink(missing_ok=True)
 
 
-def cosign_in_place(bundle: Path, keys: Iterable[SigningKey]) -> tuple[str, ...]:
+def cosign_in_place(
+    bundle: Path, keys: Iterable[SigningKey]
+) -> tuple[BundleManifest, tuple[str, ...]]:
     """Add (or refresh) signatures over the manifest, touching only the signature block.
 
-    Returns the keyids that now sign the bundle.
+    The manifest is parsed first, so that nobody signs bytes that are not a valid manifest.
+    Returns the manifest signed and the keyids that now sign the bundle.
     """
     limits = Limits()
     try:
@@ -108,6 +111,7 @@ def cosign_in_place(bundle: Path, keys: Iterable[SigningKey]) -> tuple[str, ...]
         raise InputError(f"cannot open {bundle}: {exc.strerror}") from None
     with fh:
         head = read_head(open_bundle(fh, limits), limits)
+        manifest = BundleManifest.from_bytes(head.manifest_bytes)
         existing = {s.keyid: s for s in decode_signature_block(head.signature_block)}
         for sig in sign_manifest(head.manifest_bytes, keys):
             existing[sig.keyid] = sig
@@ -116,7 +120,7 @@ def cosign_in_place(bundle: Path, keys: Iterable[SigningKey]) -> tuple[str, ...]
         fh.write(block)
         fh.flush()
         os.fsync(fh.fileno())
-    return tuple(sorted(existing))
+    return manifest, tuple(sorted(existing))
 
 
 def hash_file(path: Path) -> tuple[int, str]:
@@ -156,14 +160,3 @@ def _copy_file(
     if copied != size:
         raise InputError(f"{source} changed size while the bundle was being written")
     return digest.hexdigest()
-
-
-__all__ = [
-    "DEFAULT_SIGNATURE_SPACE",
-    "FormatError",
-    "cosign_in_place",
-    "hash_file",
-    "sign_manifest",
-    "tar_header",
-    "write_bundle",
-]

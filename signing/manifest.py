@@ -7,6 +7,7 @@ is strict and total: any input either yields a frozen :class:`BundleManifest` or
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 from collections.abc import Iterable, Mapping
@@ -148,6 +149,9 @@ class BundleManifest:
     def to_bytes(self) -> bytes:
         """The exact bytes that are signed and stored as the bundle's manifest member."""
         return encode_canonical(self.to_dict())
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_bytes()).hexdigest()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> BundleManifest:
