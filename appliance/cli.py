@@ -11,8 +11,7 @@ from appliance.console import ByteProgress, emit_json, parse_cli_time, run_cli
 from appliance.host import DEFAULT_ROOT, HostState
 from appliance.installer import DEFAULT_KEEP, Appliance, InstallOptions
 from appliance.trust import read_root_file
-from signing.canonical import format_time
-from signing.errors import StateError
+from signing.canonical import encode_canonical, format_time
 
 _TIME_HELP = "Use this UTC time (YYYY-MM-DDTHH:MM:SSZ) instead of the system clock; logged."
 
@@ -210,7 +209,7 @@ def history(app: Appliance, as_json: bool, check: bool) -> None:
         return
     for record in app.audit.records():
         if as_json:
-            emit_json(record)
+            click.echo(encode_canonical(record).decode("utf-8"))
             continue
         what = " ".join(str(record[k]) for k in ("name", "version") if k in record)
         line = f"{record['seq']:>4} {record['time']} {record['event']:<12} {record['outcome']:<8}"
@@ -220,5 +219,3 @@ def history(app: Appliance, as_json: bool, check: bool) -> None:
 def main() -> NoReturn:
     run_cli(cli, "appliance")
 
-
-__all__ = ["StateError", "cli", "main"]
