@@ -83,3 +83,9 @@ class IntegrityError(AirgapError):
     """Local state was tampered with or damaged (audit chain broken, slot files changed)."""
 
     exit_code = 6
+
+
+class ModelError(AirgapError):
+    """The model cannot be loaded or run: bad file, missing runtime, failed health check."""
+
+    exit_code = 7

@@ -16,7 +16,7 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any, Final
 
-from packaging.version import InvalidVersion, Version
+from packaging.version import Version
 
 from signing.canonical import decode_canonical, encode_canonical, format_time, parse_time
 from signing.errors import FormatError
@@ -32,6 +32,30 @@ _SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
 # Entry paths become tar member names "payload/<path>"; ustar holds at most 255 bytes of name.
 MAX_PATH_BYTES: Final = 240
 MAX_ENTRIES: Final = 100_000
+MAX_VERSION_LENGTH: Final = 64
+DTYPES: Final = frozenset({"auto", "float32", "float16", "bfloat16"})
+# The runtime table's keys and their checks; the recipe's [runtime] section mirrors it.
+_RUNTIME_INTS: Final = {"context_size": 16, "gpu_layers": -1, "threads": 1}
+
+
+def check_runtime(runtime: Mapping[str, Any]) -> None:
+    """The signed runtime settings: known keys only, each of the right type and range."""
+    backend = runtime.get("backend")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise FormatError(f"manifest: runtime.backend must be one of {sorted(BACKENDS)}")
+    for key, value in runtime.items():
+        if key == "backend":
+            continue
+        if key in _RUNTIME_INTS:
+            if not _is_int(value) or value < _RUNTIME_INTS[key]:
+                raise FormatError(
+                    f"manifest: runtime.{key} must be an integer >= {_RUNTIME_INTS[key]}"
+                )
+        elif key == "dtype":
+            if not isinstance(value, str) or value not in DTYPES:
+                raise FormatError(f"manifest: runtime.dtype must be one of {sorted(DTYPES)}")
+        else:
+            raise FormatError(f"manifest: unknown runtime setting {key!r}")
 
 
 def check_relative_path(path: object, *, what: str) -> str:
@@ -79,7 +103,7 @@ class Entry:
         if not isinstance(digest, str) or not _SHA256_RE.fullmatch(digest):
             raise FormatError(f"{what} {path!r}: sha256 must be 64 lowercase hex digits")
         kind = obj["kind"]
-        if kind not in ENTRY_KINDS:
+        if not isinstance(kind, str) or kind not in ENTRY_KINDS:
             raise FormatError(f"{what} {path!r}: unknown kind {kind!r}")
         return cls(path=path, size=size, sha256=digest, kind=kind)
 
@@ -104,8 +128,7 @@ class BundleManifest:
         object.__setattr__(self, "runtime", MappingProxyType(dict(self.runtime)))
         if self.expires <= self.created:
             raise FormatError("manifest: expires must be later than created")
-        if self.runtime.get("backend") not in BACKENDS:
-            raise FormatError(f"manifest: runtime.backend must be one of {sorted(BACKENDS)}")
+        check_runtime(self.runtime)
         check_relative_path(self.model_path, what="manifest model.path")
         _check_entries(self.entries)
         if not any(
@@ -121,9 +144,11 @@ class BundleManifest:
     @staticmethod
     def parse_version(text: str) -> Version:
         """Versions compare as PEP 440 versions ("1.10.0" is newer than "1.9.0")."""
+        if len(text) > MAX_VERSION_LENGTH:
+            raise FormatError(f"version is longer than {MAX_VERSION_LENGTH} characters")
         try:
             return Version(text)
-        except InvalidVersion:
+        except ValueError:  # InvalidVersion, and int() of absurdly long digit runs
             raise FormatError(f"version {text!r} is not a valid version") from None
 
     @property
