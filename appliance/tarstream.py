@@ -145,13 +145,16 @@ class TarReader:
         computed = sum(block[:148]) + 8 * 0x20 + sum(block[156:])
         if stored != computed:
             raise FormatError(f"bundle: bad header checksum in {where}")
-        if block[257:265] != _USTAR_MAGIC:
-            raise FormatError(f"bundle: {where} is not a POSIX ustar header")
-        name = _parse_name(block, where=where)
+        # The type is judged before the magic, so that a GNU or pax extension header is named
+        # as such, whatever magic its writer used.
         typeflag = block[156:157]
         if typeflag not in (b"0", b"\x00"):
             kind = _TYPE_NAMES.get(typeflag, f"type {typeflag!r}")
-            raise FormatError(f"bundle: member {name!r} is a {kind}; only regular files allowed")
+            label = _display_name(block)
+            raise FormatError(f"bundle: member {label} is a {kind}; only regular files allowed")
+        if block[257:265] != _USTAR_MAGIC:
+            raise FormatError(f"bundle: {where} is not a POSIX ustar header")
+        name = _parse_name(block, where=where)
         if block[157:257] != bytes(100):
             raise FormatError(f"bundle: member {name!r} has a link name")
         size = _parse_octal(block[124:136], what=f"size of member {name!r}")
@@ -166,6 +169,12 @@ def _parse_name(block: bytes, *, where: str) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise FormatError(f"bundle: {where} name is not UTF-8") from None
+
+
+def _display_name(block: bytes) -> str:
+    """The member's name for an error message, however malformed the header is."""
+    raw = block[0:100].split(b"\x00", 1)[0]
+    return repr(raw.decode("utf-8", "replace"))
 
 
 def _nul_terminated(field: bytes, *, what: str) -> bytes:

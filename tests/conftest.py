@@ -1,0 +1,33 @@
+"""Shared fixtures. Keep them generic: several test modules (and authors) build on them.
+
+Bundle fixtures come from :mod:`simulator` (in-memory keys, roots and bundles); host fixtures
+drive the real ``appliance.installer.Appliance`` on a directory under ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from simulator import BundleSimulator, Host
+
+
+@pytest.fixture
+def sim() -> BundleSimulator:
+    """Fresh keys: 2-of-2 bundle keys, 1-of-1 root key, a root valid for a year."""
+    return BundleSimulator()
+
+
+@pytest.fixture
+def host(tmp_path: Path, sim: BundleSimulator) -> Host:
+    """A host directory that trusts ``sim``'s root (``trust init``), nothing installed."""
+    made = Host(root=tmp_path / "host", bundles=tmp_path / "bundles", sim=sim)
+    made.trust_init()
+    return made
+
+
+@pytest.fixture
+def installed_host(host: Host) -> Host:
+    """``host`` with a good ``demo 1.0.0`` installed and active."""
+    host.install(host.sim.bundle("1.0.0"))
+    return host
