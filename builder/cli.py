@@ -283,9 +283,36 @@ def inspect(bundle: Path, root_json: Path | None, as_json: bool) -> None:
 @cli.command("tiny-model")
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True)
-def tiny_model(output: Path, seed: int) -> None:
-    """Generate the embedded default model: a tiny llama GGUF with random weights."""
-    write_tiny_llama(output, seed=seed)
+@click.option("--embedding", type=click.IntRange(min=8), default=64, show_default=True)
+@click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--heads", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--feed-forward", type=click.IntRange(min=8), default=128, show_default=True)
+@click.option("--context", type=click.IntRange(min=16), default=256, show_default=True)
+def tiny_model(
+    output: Path,
+    seed: int,
+    embedding: int,
+    layers: int,
+    heads: int,
+    feed_forward: int,
+    context: int,
+) -> None:
+    """Generate a llama GGUF with random weights (default: the tiny embedded demo model).
+
+    Larger shapes make benchmark models: --embedding 768 --layers 12 --feed-forward 2048 is
+    about 85M parameters.
+    """
+    if embedding % heads:
+        raise InputError("--embedding must be a multiple of --heads")
+    write_tiny_llama(
+        output,
+        n_embd=embedding,
+        n_layer=layers,
+        n_head=heads,
+        n_ff=feed_forward,
+        context=context,
+        seed=seed,
+    )
     click.echo(f"wrote {output} ({output.stat().st_size} bytes)")
 
 

@@ -14,6 +14,11 @@ from typing import Any
 from signing.errors import InputError
 
 _SPECIAL = ["<unk>", "<s>", "</s>"]
+# A minimal chat template (Jinja, as llama.cpp and transformers read it from the GGUF).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 _BYTE_TOKEN_TYPE = 6
 _CONTROL_TOKEN_TYPE = 3
 
@@ -62,6 +67,7 @@ def write_tiny_llama(
     writer.add_unk_token_id(0)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
+    writer.add_chat_template(CHAT_TEMPLATE)
     writer.add_tensor("token_embd.weight", weights(n_vocab, n_embd))
     writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
     writer.add_tensor("output.weight", weights(n_vocab, n_embd))

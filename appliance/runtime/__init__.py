@@ -1,0 +1,1 @@
+"""Model runtimes behind one interface (:class:`appliance.runtime.base.Backend`)."""

@@ -1,0 +1,63 @@
+"""Loading the model of a slot, as its signed manifest says, and checking that it runs.
+
+The health check runs in a child process (``python -m appliance.runtime.healthcheck``): a model
+file that crashes native code, or hangs, or eats all memory takes the child down, not the
+installer, and a timeout bounds it (docs/bundle-format.md, step I7).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from appliance.runtime.base import Backend, RuntimeSettings
+from appliance.slots import BUNDLE_DIR, PAYLOAD_DIR
+from signing.errors import IntegrityError, ModelError
+from signing.manifest import BundleManifest
+
+HEALTH_CHECK_TIMEOUT_S = 300.0
+
+
+def slot_runtime_settings(slot: Path, *, parallel: int = 4) -> RuntimeSettings:
+    """The runtime settings of a slot, from the manifest that was verified at install."""
+    try:
+        manifest = BundleManifest.from_bytes((slot / BUNDLE_DIR / "manifest.json").read_bytes())
+    except OSError as exc:
+        raise IntegrityError(f"slot {slot.name} has no readable manifest: {exc}") from None
+    return RuntimeSettings.from_manifest(
+        manifest.runtime,
+        model_path=slot / PAYLOAD_DIR / manifest.model_path,
+        model_id=manifest.name,
+        parallel=parallel,
+    )
+
+
+def load_backend(settings: RuntimeSettings) -> Backend:
+    if settings.backend == "llama.cpp":
+        from appliance.runtime.llamacpp import load_llamacpp  # noqa: PLC0415 - heavy, optional
+
+        return load_llamacpp(settings)
+    from appliance.runtime.transformers_backend import (  # noqa: PLC0415 - heavy, optional
+        load_transformers,
+    )
+
+    return load_transformers(settings)
+
+
+def health_check(slot: Path, *, timeout_s: float = HEALTH_CHECK_TIMEOUT_S) -> str:
+    """Load the slot's model in a child process and generate a few tokens; return the text."""
+    command = [sys.executable, "-m", "appliance.runtime.healthcheck", str(slot)]
+    try:
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise ModelError(
+            f"health check: the model did not answer within {timeout_s:.0f} s"
+        ) from None
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"exit status {result.returncode}"
+        raise ModelError(f"health check failed: {reason}")
+    return result.stdout.strip()
