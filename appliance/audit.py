@@ -3,8 +3,12 @@
 One canonical JSON object a line. Each record carries ``prev``, the sha256 of the previous
 line's bytes (64 zeros for the first), and a ``seq`` counting from 1, so that editing, removing
 or reordering any record breaks the chain at that point and ``appliance history --check`` says
-where. Appends take their own ``flock`` so that a ``verify`` running beside an ``install``
-cannot fork the chain.
+where. Each record proves its predecessors, not its successors, so ``audit.head`` (written
+atomically after every append) anchors the count and hash of the last record: removing or
+editing the newest records is caught too. A crash between the append and the head update
+leaves the head one record behind, which ``check`` accepts (and the next append repairs).
+Appends take their own ``flock`` so that a ``verify`` running beside an ``install`` cannot fork
+the chain.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
+from appliance.fsutil import atomic_write
 from signing.canonical import decode_canonical, encode_canonical, format_time
 from signing.errors import FormatError, IntegrityError
 
@@ -27,6 +32,7 @@ _TAIL_READ: Final = 1 << 16
 class AuditLog:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.head_path = path.with_name(path.stem + ".head")
 
     def append(self, *, time: datetime, event: str, outcome: str, **fields: Any) -> None:
         """Append one record durably. ``fields`` must be JSON values (no floats)."""
@@ -47,8 +53,11 @@ class AuditLog:
                 "outcome": outcome,
                 **{k: v for k, v in fields.items() if v is not None},
             }
-            os.write(fd, encode_canonical(record) + b"\n")
+            line = encode_canonical(record)
+            os.write(fd, line + b"\n")
             os.fsync(fd)
+            head = {"count": seq, "sha256": hashlib.sha256(line).hexdigest()}
+            atomic_write(self.head_path, encode_canonical(head), mode=0o640)
         finally:
             os.close(fd)
 
@@ -60,6 +69,7 @@ class AuditLog:
         """Verify the whole chain; return the number of records or raise IntegrityError."""
         prev = GENESIS
         count = 0
+        hashes: list[str] = []
         for lineno, line in self._lines():
             record = _parse(line, lineno=lineno)
             if record.get("seq") != lineno:
@@ -69,8 +79,32 @@ class AuditLog:
                     f"audit log line {lineno}: chain broken (prev does not match line {lineno - 1})"
                 )
             prev = hashlib.sha256(line).hexdigest()
+            hashes.append(prev)
             count += 1
+        self._check_head(hashes)
         return count
+
+    def _check_head(self, hashes: list[str]) -> None:
+        try:
+            head = decode_canonical(self.head_path.read_bytes(), what="audit head")
+            count, digest = int(head["count"]), str(head["sha256"])
+        except FileNotFoundError:
+            if hashes:
+                raise IntegrityError("audit log head (audit.head) is missing") from None
+            return
+        except (FormatError, KeyError, TypeError, ValueError) as exc:
+            raise IntegrityError(f"audit log head is damaged: {exc}") from None
+        # The head may lag by one record (a crash between append and head update), never more,
+        # and never run ahead of the log (records removed from the end).
+        if count > len(hashes):
+            raise IntegrityError(
+                f"audit log ends at record {len(hashes)} but its head says {count}: "
+                "records were removed from the end"
+            )
+        if count < len(hashes) - 1 or (count and hashes[count - 1] != digest):
+            raise IntegrityError(
+                f"audit log line {count}: does not match the log's head (audit.head)"
+            )
 
     def _lines(self) -> Iterator[tuple[int, bytes]]:
         try:

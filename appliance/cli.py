@@ -7,9 +7,11 @@ from typing import Any, NoReturn
 
 import click
 
+from appliance.apikeys import KeyStore, key_file
 from appliance.console import ByteProgress, emit_json, parse_cli_time, run_cli
 from appliance.host import DEFAULT_ROOT, HostState
-from appliance.installer import DEFAULT_KEEP, Appliance, InstallOptions
+from appliance.installer import DEFAULT_GRACE_PERIOD_S, DEFAULT_KEEP, Appliance, InstallOptions
+from appliance.server.settings import ServerSettings, settings_options
 from appliance.trust import read_root_file
 from signing.canonical import encode_canonical, format_time
 
@@ -108,6 +110,19 @@ def verify(app: Appliance, bundle: str, assume_time: str | None, as_json: bool) 
     help="Slots to keep, the active one included.",
 )
 @click.option("--assume-time", help=_TIME_HELP)
+@click.option(
+    "--skip-health-check",
+    is_flag=True,
+    envvar="APPLIANCE_SKIP_HEALTH_CHECK",
+    help="Activate without loading the model first (hosts that cannot load it now; logged).",
+)
+@click.option(
+    "--grace-period",
+    type=click.IntRange(min=0),
+    default=DEFAULT_GRACE_PERIOD_S,
+    show_default=True,
+    help="Seconds after activation in which 'serve' rolls back by itself if the model fails.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_appliance
 def install(
@@ -116,11 +131,17 @@ def install(
     allow_downgrade: bool,
     keep: int,
     assume_time: str | None,
+    skip_health_check: bool,
+    grace_period: int,
     as_json: bool,
 ) -> None:
-    """Verify BUNDLE and install it into a new slot, then switch to it atomically."""
+    """Verify BUNDLE, install it into a new slot, check its model runs, then switch to it."""
     options = InstallOptions(
-        allow_downgrade=allow_downgrade, keep=keep, assume_time=parse_cli_time(assume_time)
+        allow_downgrade=allow_downgrade,
+        keep=keep,
+        assume_time=parse_cli_time(assume_time),
+        skip_health_check=skip_health_check,
+        grace_period_s=grace_period,
     )
     with ByteProgress() as progress:
         slot = app.install(bundle, options, progress=progress)
@@ -216,6 +237,63 @@ def history(app: Appliance, as_json: bool, check: bool) -> None:
         click.echo(f"{line} {what}" + (f"  {record['error']}" if "error" in record else ""))
 
 
+@cli.group()
+def keys() -> None:
+    """Manage the API keys of the REST server (ROOT/api-keys.json)."""
+
+
+@keys.command("add")
+@click.argument("name")
+@pass_appliance
+def keys_add(app: Appliance, name: str) -> None:
+    """Make a key called NAME and print it: it is shown this once and never stored."""
+    key = KeyStore(key_file(app.paths.root)).add(name)
+    click.echo(key)
+    click.echo(f"API key {name!r} created; store it now, it cannot be shown again", err=True)
+
+
+@keys.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_appliance
+def keys_list(app: Appliance, as_json: bool) -> None:
+    """List the keys: names and creation times (the keys themselves are not stored)."""
+    stored = KeyStore(key_file(app.paths.root)).list()
+    if as_json:
+        emit_json([{"name": k.name, "created": k.created} for k in stored])
+        return
+    for k in stored:
+        click.echo(f"{k.name}  created {k.created}")
+    if not stored:
+        click.echo("no API keys; create one with 'appliance keys add NAME'", err=True)
+
+
+@keys.command("revoke")
+@click.argument("name")
+@pass_appliance
+def keys_revoke(app: Appliance, name: str) -> None:
+    """Revoke the key called NAME; a running server refuses it from its next request on."""
+    KeyStore(key_file(app.paths.root)).revoke(name)
+    click.echo(f"API key {name!r} revoked")
+
+
+@cli.command()
+@click.option(
+    "--config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="TOML file of server settings (keys named like the options, with '_').",
+)
+@settings_options
+@pass_appliance
+def serve(app: Appliance, /, config: Path | None, **options: Any) -> None:
+    """Serve the active slot's model: an OpenAI-compatible REST API (see docs/cli.md).
+
+    Every option may also come from the environment (APPLIANCE_<OPTION>) or --config;
+    options win over the environment, the environment over the file.
+    """
+    from appliance.server.serve import serve as serve_active  # noqa: PLC0415 - heavy
+
+    serve_active(app.paths.root, ServerSettings.load(config=config, **options))
+
+
 def main() -> NoReturn:
     run_cli(cli, "appliance")
-

@@ -36,13 +36,19 @@ stderr = Console(stderr=True)
 
 def run_cli(group: click.Group, prog_name: str) -> NoReturn:
     try:
-        group.main(prog_name=prog_name, standalone_mode=False)
+        # Not group.main(): it prints a blank line of its own on Ctrl-C before we can say why.
+        with group.make_context(prog_name, sys.argv[1:]) as ctx:
+            group.invoke(ctx)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        click.echo(f"error: {exc.format_message()} (see '{prog_name} --help')", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
+        click.echo("error: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except AirgapError as exc:
         click.echo(f"error: {exc.diagnostics()}", err=True)

@@ -23,7 +23,7 @@ from typing import Any, Final
 from appliance.audit import AuditLog
 from appliance.fsutil import atomic_write
 from signing.canonical import encode_canonical, format_time, parse_time
-from signing.errors import IntegrityError
+from signing.errors import IntegrityError, StateError
 from signing.manifest import BundleManifest
 
 DEFAULT_ROOT: Final = Path("/var/lib/appliance")
@@ -74,18 +74,42 @@ class HostPaths:
         return self.root / "audit.jsonl"
 
     def ensure(self) -> None:
-        for directory in (
+        directories = (
             self.root,
             self.trust,
             self.root_history,
             self.slots,
             self.staging,
             self.trash,
-        ):
-            directory.mkdir(parents=True, exist_ok=True)
+        )
+        try:
+            for directory in directories:
+                directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"appliance root {self.root} is unusable: {exc.strerror}") from None
 
     def audit_log(self) -> AuditLog:
         return AuditLog(self.audit)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """A newly activated slot on probation: `serve` rolls it back if its model fails to load."""
+
+    slot: str
+    previous: str | None
+    until: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {"slot": self.slot, "previous": self.previous, "until": format_time(self.until)}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> Trial:
+        return cls(
+            slot=str(value["slot"]),
+            previous=None if value["previous"] is None else str(value["previous"]),
+            until=parse_time(value["until"], what="state trial until"),
+        )
 
 
 @dataclass
@@ -95,6 +119,7 @@ class HostState:
     highest: dict[str, str] = field(default_factory=dict)
     time_floor: datetime | None = None
     next_seq: int = 1
+    trial: Trial | None = None
 
     @classmethod
     def load(cls, path: Path) -> HostState:
@@ -102,6 +127,8 @@ class HostState:
             raw = path.read_bytes()
         except FileNotFoundError:
             return cls()
+        except OSError as exc:
+            raise StateError(f"cannot read host state {path}: {exc.strerror}") from None
         try:
             obj: dict[str, Any] = json.loads(raw)
             floor = obj["time_floor"]
@@ -109,6 +136,7 @@ class HostState:
                 highest=dict(obj["highest"]),
                 time_floor=parse_time(floor, what="state time_floor") if floor else None,
                 next_seq=int(obj["next_seq"]),
+                trial=Trial.from_json(obj["trial"]) if obj.get("trial") else None,
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise IntegrityError(f"host state {path} is damaged: {exc}") from None
@@ -121,6 +149,7 @@ class HostState:
                     "highest": self.highest,
                     "time_floor": format_time(self.time_floor) if self.time_floor else None,
                     "next_seq": self.next_seq,
+                    "trial": self.trial.to_json() if self.trial else None,
                 }
             ),
         )

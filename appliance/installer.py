@@ -18,23 +18,28 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Protocol
 
 from appliance.bundle import DiscardSink, Limits, open_bundle, read_head, stream_payload
 from appliance.fsutil import atomic_write, fsync_dir
-from appliance.host import HostPaths, HostState, HostTime, host_time
+from appliance.host import HostPaths, HostState, HostTime, Trial, host_time
 from appliance.lock import HostLock
+from appliance.runtime.loader import health_check
 from appliance.slots import BUNDLE_DIR, PAYLOAD_DIR, SLOT_META, SlotInfo, SlotStore, slot_id
 from appliance.trust import TrustStore
 from appliance.verifier import VerifiedManifest, check_version, verify_head
 from signing.canonical import encode_canonical, format_time, parse_time
-from signing.errors import AirgapError, InputError, StateError
-from signing.manifest import Entry
+from signing.errors import AirgapError, InputError, ModelError, PolicyError, StateError
+from signing.manifest import BundleManifest, Entry
 
 DEFAULT_KEEP: Final = 3
+# After activation, a model that fails to load in `serve` within this time rolls back by itself.
+DEFAULT_GRACE_PERIOD_S: Final = 600
 FAULT_ENV: Final = "APPLIANCE_FAULT_INJECT"
+# Exit codes whose errors mean "refused": verification (3), policy (4), failed health check (7).
+_REFUSALS: Final = frozenset({3, 4, 7})
 
 
 class Progress(Protocol):
@@ -48,6 +53,8 @@ class InstallOptions:
     allow_downgrade: bool = False
     keep: int = DEFAULT_KEEP
     assume_time: datetime | None = None
+    skip_health_check: bool = False
+    grace_period_s: int = DEFAULT_GRACE_PERIOD_S
 
 
 class Appliance:
@@ -100,7 +107,12 @@ class Appliance:
             # I1: clean what a crashed operation left behind.
             leftovers = self.slots.recover()
             state = HostState.load(self.paths.state)
+            adopted = []
             for slot in self.slots.list():
+                # A slot state.json does not know was left by a crash between I8 and I10: it
+                # is complete and verified, so it counts as installed, and the log says so.
+                if slot.seq >= state.next_seq:
+                    adopted.append(slot.id)
                 state.see_installed(
                     name=slot.name,
                     version=slot.version,
@@ -108,9 +120,14 @@ class Appliance:
                     created=parse_time(slot.created, what=f"slot {slot.id} created"),
                 )
             clock = host_time(state, override=options.assume_time)
-            extra: dict[str, Any] = {"allow_downgrade": options.allow_downgrade or None}
+            extra: dict[str, Any] = {
+                "allow_downgrade": options.allow_downgrade or None,
+                "skip_health_check": options.skip_health_check or None,
+            }
             if leftovers:
                 extra["recovered"] = leftovers
+            if adopted:
+                extra["adopted_slots"] = adopted
             with self._audited("install", clock, **extra) as record:
                 slot = self._install_locked(
                     source,
@@ -143,6 +160,7 @@ class Appliance:
             verified = verify_head(head, root=root, now=clock.now)
             record.update(_bundle_fields(verified))
             manifest = verified.manifest
+            self._refuse_installed_version(manifest.name, manifest.version, options)
             check_version(
                 manifest,
                 highest=state.highest.get(manifest.name),
@@ -178,19 +196,29 @@ class Appliance:
                     clock=clock,
                     options=options,
                 )
-                # I7: health check of the new slot (runtime issue); none for plain files yet.
+                # I7: start the new slot's model in a child process and generate a few tokens.
+                if not options.skip_health_check:
+                    record["health_check"] = "ok"
+                    health_check(staging)
                 # I8: the complete slot appears in slots/ by one rename.
                 final = self.slots.commit(staging)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
         _crashpoint("after-commit")
+        previous = self.slots.current()
         # I9: switch `current` atomically; the old slot served until this instant.
         self.slots.activate(final)
         _crashpoint("after-switch")
-        # I10: remember the version and signing time; drop the oldest inactive slots.
+        # I10: remember the version and signing time; open the trial period in which `serve`
+        # rolls back by itself if the model does not load; drop the oldest inactive slots.
         state.see_installed(
             name=manifest.name, version=manifest.version, seq=seq, created=manifest.created
+        )
+        state.trial = Trial(
+            slot=final.name,
+            previous=previous.id if previous else None,
+            until=clock.system + timedelta(seconds=options.grace_period_s),
         )
         state.save(self.paths.state)
         removed = self.slots.garbage_collect(options.keep)
@@ -224,6 +252,67 @@ class Appliance:
             "allow_downgrade": options.allow_downgrade,
         }
         atomic_write(staging / SLOT_META, encode_canonical(meta))
+
+    def _refuse_installed_version(self, name: str, version: str, options: InstallOptions) -> None:
+        """A replay of a version that still has a slot: say how to get it back instead."""
+        if options.allow_downgrade:
+            return
+        wanted = BundleManifest.parse_version(version)
+        for slot in self.slots.list():
+            if slot.name == name and BundleManifest.parse_version(slot.version) == wanted:
+                raise PolicyError(
+                    f"bundle {name} {version} is already installed in slot {slot.id}; "
+                    f"activate it with 'appliance rollback --to {version}'"
+                )
+
+    # -- trial period after activation -----------------------------------------------------
+
+    def confirm(self, slot: str) -> bool:
+        """`serve` loaded ``slot``'s model: end its trial period. True if one was open."""
+        with HostLock(self.paths.lock):
+            state = HostState.load(self.paths.state)
+            if state.trial is None or state.trial.slot != slot:
+                return False
+            clock = host_time(state, override=None)
+            state.trial = None
+            state.save(self.paths.state)
+            self._append("confirm", "ok", clock, {"slot": slot})
+            return True
+
+    def auto_rollback(self, slot: str, *, reason: str) -> SlotInfo | None:
+        """`serve` cannot load ``slot``'s model: within its trial period, roll back.
+
+        Returns the slot now active, or None when ``slot`` is not on trial (then the operator
+        decides; nothing is switched behind their back after the grace period).
+        """
+        with HostLock(self.paths.lock):
+            state = HostState.load(self.paths.state)
+            clock = host_time(state, override=None)
+            trial = state.trial
+            current = self.slots.current()
+            if trial is None or trial.slot != slot or current is None or current.id != slot:
+                return None
+            if clock.system > trial.until:
+                return None
+            candidates = [s for s in self.slots.list() if s.id == trial.previous]
+            target = candidates[0] if candidates else self.slots.previous(current)
+            self.slots.activate(target.path)
+            state.trial = None
+            state.save(self.paths.state)
+            self._append(
+                "rollback",
+                "ok",
+                clock,
+                {
+                    "automatic": True,
+                    "slot_from": slot,
+                    "slot": target.id,
+                    "name": target.name,
+                    "version": target.version,
+                    "error": reason,
+                },
+            )
+            return target
 
     # -- rollback -------------------------------------------------------------------------
 
@@ -279,12 +368,18 @@ class Appliance:
         try:
             yield record
         except AirgapError as exc:
-            outcome = "refused" if exc.exit_code in (3, 4) else "failed"
+            outcome = "refused" if exc.exit_code in _REFUSALS else "failed"
+            record.pop("health_check", None)
+            if isinstance(exc, ModelError):
+                record["health_check"] = "failed"
             self._append(event, outcome, clock, record, error=exc.diagnostics())
             raise
         except OSError as exc:
             self._append(event, "failed", clock, record, error=str(exc))
             raise StateError(f"{event} failed: {exc}") from exc
+        except KeyboardInterrupt:
+            self._append(event, "failed", clock, record, error="interrupted")
+            raise
         self._append(event, "ok", clock, record)
 
     def _append(

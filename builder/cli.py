@@ -14,7 +14,7 @@ from builder.build import build_bundle
 from builder.pack import DEFAULT_SIGNATURE_SPACE, cosign_in_place
 from builder.tinymodel import write_tiny_llama
 from signing.canonical import format_time
-from signing.errors import InputError
+from signing.errors import FormatError, InputError
 from signing.keys import (
     PublicKey,
     SigningKey,
@@ -55,7 +55,8 @@ def cli() -> None:
 def keygen(keyfile: Path, passphrase: str | None) -> None:
     """Write a new Ed25519 key to KEYFILE (mode 0600) and KEYFILE.pub."""
     key = SigningKey.generate()
-    write_key_pair(keyfile, key, _encode(passphrase))
+    # An empty passphrase given on purpose is refused by write_key_pair, never taken as "none".
+    write_key_pair(keyfile, key, passphrase.encode("utf-8") if passphrase is not None else None)
     click.echo(f"wrote {keyfile} and {keyfile}.pub; keyid {key.keyid}")
 
 
@@ -130,15 +131,21 @@ def root_create(
     version = 1
     if previous is not None:
         version = SignedRoot.from_bytes(_read(previous)).root.version + 1
-    new_root = Root(
-        version=version,
-        expires=parse_cli_time(expires) or _one_year_from_now(),
-        keys=publics,
-        roles={
-            ROOT_ROLE: Role(keyids=tuple(sorted(set(root_ids))), threshold=root_threshold),
-            BUNDLE_ROLE: Role(keyids=tuple(sorted(set(bundle_ids))), threshold=threshold),
-        },
-    )
+    expiry = parse_cli_time(expires) or _one_year_from_now()
+    if expiry <= datetime.now(UTC):
+        raise InputError(f"--expires {format_time(expiry)} is in the past")
+    try:
+        new_root = Root(
+            version=version,
+            expires=expiry,
+            keys=publics,
+            roles={
+                ROOT_ROLE: Role(keyids=tuple(sorted(set(root_ids))), threshold=root_threshold),
+                BUNDLE_ROLE: Role(keyids=tuple(sorted(set(bundle_ids))), threshold=threshold),
+            },
+        )
+    except FormatError as exc:  # e.g. a threshold above the number of keys: bad arguments
+        raise InputError(exc.diagnostics()) from None
     signed = sign_root(new_root, signers)
     output.write_bytes(signed.to_bytes())
     click.echo(f"wrote root version {version} to {output}; fingerprint {signed.fingerprint}")

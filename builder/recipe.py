@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from signing.errors import RecipeError
+from signing.errors import FormatError, RecipeError
 from signing.manifest import BundleManifest
 
 
@@ -29,7 +29,10 @@ class BundleSection(_Section):
     @field_validator("version")
     @classmethod
     def _pep440(cls, value: str) -> str:
-        BundleManifest.parse_version(value)
+        try:
+            BundleManifest.parse_version(value)
+        except FormatError as exc:  # pydantic reports ValueError, naming the recipe key
+            raise ValueError(exc.diagnostics()) from None
         return value
 
 

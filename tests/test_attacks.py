@@ -148,7 +148,7 @@ def refuse(
     verify: bool = True,
 ) -> dict[str, Any]:
     """``verify`` and ``install`` of ``data`` both refuse it; returns the install's record."""
-    options = options or InstallOptions()
+    options = options or InstallOptions(skip_health_check=True)
     path = str(host.write(data))
     if verify:
         assert_refused(
@@ -174,7 +174,7 @@ def refuse_stream(
     the stream's budget."""
     runs: dict[str, Callable[[], object]] = {
         "verify": lambda: host.appliance.verify("-"),
-        "install": lambda: host.appliance.install("-", InstallOptions()),
+        "install": lambda: host.appliance.install("-", InstallOptions(skip_health_check=True)),
     }
     for event, run in runs.items():
         with PipeSource(make()) as source:
@@ -396,7 +396,7 @@ def test_expired_bundle_with_clock_set_back(installed_host: Host, good: Good) ->
         sim.bundle_bytes(manifest, payload),
         ExpiredError,
         f"bundle demo 2.0.0 expired at {format_time(expires)}",
-        options=InstallOptions(assume_time=assumed),
+        options=InstallOptions(skip_health_check=True, assume_time=assumed),
     )
     assert record["assumed_time"] == format_time(assumed)
     assert "clock_behind" in record
@@ -409,7 +409,7 @@ def test_expired_trusted_root(installed_host: Host, good: Good) -> None:
         good.data,
         ExpiredError,
         f"trusted root version 1 expired at {format_time(good.sim.root_expires)}",
-        options=InstallOptions(assume_time=later),
+        options=InstallOptions(skip_health_check=True, assume_time=later),
     )
 
 
@@ -452,7 +452,8 @@ def test_replay_of_an_equal_version_spelled_otherwise(installed_host: Host) -> N
 def test_allow_downgrade_is_accepted_and_audited(installed_host: Host, good: Good) -> None:
     installed_host.install(good.data)
     slot = installed_host.install(
-        installed_host.sim.bundle("1.0.0"), InstallOptions(allow_downgrade=True)
+        installed_host.sim.bundle("1.0.0"),
+        InstallOptions(allow_downgrade=True, skip_health_check=True),
     )
     assert (slot.version, slot.allow_downgrade) == ("1.0.0", True)
     assert installed_host.snapshot()["current"] == f"slots/{slot.id}"
@@ -467,7 +468,10 @@ def test_allow_downgrade_does_not_lower_the_highest_version(
 ) -> None:
     """I3: "the highest ever installed": a forced downgrade does not reopen older versions."""
     installed_host.install(good.data)
-    installed_host.install(installed_host.sim.bundle("1.0.0"), InstallOptions(allow_downgrade=True))
+    installed_host.install(
+        installed_host.sim.bundle("1.0.0"),
+        InstallOptions(allow_downgrade=True, skip_health_check=True),
+    )
     refuse(
         installed_host,
         installed_host.sim.bundle("1.5.0"),

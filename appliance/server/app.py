@@ -1,0 +1,80 @@
+"""``create_app``: the FastAPI application of ``appliance serve``.
+
+Nothing is created at import time: each call builds its own engine (queue, worker pool,
+metrics registry), key checker and request log, kept on ``app.state.appliance`` and reached by
+routes through typed dependencies (:mod:`appliance.server.deps`). Worker threads and the log
+file are opened by the app's lifespan, so an app that is built but never served holds nothing.
+
+Every route needs an API key except ``GET /healthz``; ``/docs`` and ``/openapi.json`` too,
+unless ``public_docs`` is set (docs/adr/0006-rest-server.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import version
+
+from fastapi import FastAPI
+
+from appliance.server.auth import KeyChecker
+from appliance.server.deps import AppState
+from appliance.server.engine import Engine
+from appliance.server.errors import install_handlers
+from appliance.server.holder import ModelHolder
+from appliance.server.middleware import BodyLimitMiddleware, RecordMiddleware
+from appliance.server.requestlog import RequestLog
+from appliance.server.routers import chat, completions, docs, embeddings, health, metrics, models
+from appliance.server.settings import ServerSettings
+from signing.errors import InputError
+
+
+def create_app(settings: ServerSettings, holder: ModelHolder) -> FastAPI:
+    """An app serving whatever backend ``holder`` holds at the time of each request.
+
+    ``settings`` must name the key file and the request log (see
+    :meth:`ServerSettings.resolved`): the server never guesses where its secrets are.
+    """
+    if settings.api_key_file is None or settings.request_log is None:
+        raise InputError("server settings: api_key_file and request_log must be set")
+    engine = Engine(
+        holder,
+        max_concurrency=settings.concurrency,
+        max_queue=settings.max_queue,
+        request_timeout_s=settings.request_timeout_s,
+    )
+    request_log = RequestLog(settings.request_log)
+    state = AppState(
+        settings=settings,
+        engine=engine,
+        keys=KeyChecker(settings.api_key_file),
+        request_log=request_log,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        request_log.open()
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+            request_log.close()
+
+    app = FastAPI(
+        title="airgap-appliance",
+        summary="OpenAI-compatible API of the model in the active slot.",
+        version=version("airgap-appliance"),
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,  # served by routers.docs, behind the key
+        lifespan=lifespan,
+    )
+    app.state.appliance = state
+    install_handlers(app)
+    for module in (chat, completions, embeddings, models, health, metrics, docs):
+        app.include_router(module.router)
+    # Added last = outermost: the record sees every answer, the body limit's 413s included.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RecordMiddleware, engine=engine, request_log=request_log)
+    return app

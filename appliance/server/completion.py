@@ -1,0 +1,97 @@
+"""The one path of both text routes (chat and completions): generate, then answer whole or as SSE.
+
+Streaming: the response starts only once the backend has accepted the prompt, so a prompt that
+does not fit is a plain 400 even with ``stream: true``. After that the status is sent; a timeout
+or failure becomes an ``error`` event (which the OpenAI clients raise), with no ``[DONE]``.
+A client that goes away cancels the generation: Starlette cancels the stream when it sees the
+disconnect, and the non-streamed path watches for it itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive
+
+from appliance.runtime.base import Backend, Generation
+from appliance.server.engine import Engine, RunningGeneration
+from appliance.server.errors import APIError, ClientClosedError, InternalError, api_error_body
+from appliance.server.openai_shapes import SSE_DONE, Shape, sse
+from appliance.server.record import RequestRecord
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def respond(
+    request: Request,
+    engine: Engine,
+    record: RequestRecord,
+    *,
+    stream: bool,
+    shape: Shape,
+    start: Callable[[Backend], Generation],
+) -> Response:
+    running = await engine.generate(record, start)
+    if stream:
+        return StreamingResponse(
+            _events(running, shape, record),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
+    text, finish_reason = await _until_disconnect(request.receive, running)
+    return JSONResponse(shape.whole(text, finish_reason, record))
+
+
+async def _events(
+    running: RunningGeneration, shape: Shape, record: RequestRecord
+) -> AsyncIterator[bytes]:
+    first = True
+    try:
+        async for chunk in running.chunks():
+            if chunk.text or first:
+                yield sse(shape.chunk(chunk.text, None, first=first))
+                first = False
+        yield sse(shape.chunk("", record.finish_reason or "stop", first=False))
+        if shape.include_usage:
+            yield sse(shape.usage_chunk(record))
+        yield SSE_DONE
+    except APIError as exc:
+        record.error = exc.code or exc.type
+        yield sse(api_error_body(exc))
+    except Exception as exc:  # the status is sent: an error event is all that is left
+        log.exception("generation failed mid-stream", exc_info=exc)
+        error = InternalError("internal server error")
+        record.error = error.code
+        yield sse(api_error_body(error))
+    finally:
+        running.finish("cancelled")  # no-op unless the client left before the end
+
+
+async def _until_disconnect(receive: Receive, running: RunningGeneration) -> tuple[str, str]:
+    """Collect the generation, unless the client disconnects first: then cancel it."""
+    collect = asyncio.ensure_future(running.collect())
+    gone = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if collect.done():
+            return collect.result()
+        running.finish("cancelled")
+        raise ClientClosedError("the client closed the connection")
+    finally:
+        for task in (collect, gone):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

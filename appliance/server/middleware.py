@@ -1,0 +1,120 @@
+"""ASGI middleware: the request record (log + metrics) around everything, then the body limit.
+
+Pure ASGI rather than ``BaseHTTPMiddleware``: the record must see the end of a streamed
+response (its token counts are only known then), and nothing here may buffer a response.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from appliance.server.engine import Engine
+from appliance.server.errors import BodyTooLargeError, api_error_body
+from appliance.server.record import STATE_KEY, RequestRecord
+from appliance.server.requestlog import RequestLog
+
+log = logging.getLogger(__name__)
+
+UNLOGGED_PATHS = frozenset({"/healthz"})  # probes every few seconds would drown the log
+# Past the limit, read on (discarding) up to this much, so the client finishes sending and
+# reads our 413 instead of failing with a reset connection; beyond it, just answer and close.
+_DRAIN_LIMIT = 16 * 1024 * 1024
+
+
+class RecordMiddleware:
+    def __init__(self, app: ASGIApp, *, engine: Engine, request_log: RequestLog) -> None:
+        self.app = app
+        self.engine = engine
+        self.request_log = request_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        record = RequestRecord(method=scope["method"], path=scope["path"])
+        scope.setdefault("state", {})[STATE_KEY] = record
+
+        async def send_and_note(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = scope.get("route")
+            record.route = getattr(route, "path", None)
+            if record.status is None:  # the client left before any answer
+                record.status = 499
+            self._finish(record)
+
+    def _finish(self, record: RequestRecord) -> None:
+        try:
+            self.engine.metrics.observe_request(record)
+            if record.path not in UNLOGGED_PATHS:
+                self.request_log.write(record.to_log(time.monotonic()))
+        except OSError:
+            log.exception("cannot write the request log")
+
+
+class BodyLimitMiddleware:
+    """Read the whole body up front, at most ``max_body_bytes`` of it; more: 413."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        declared = _content_length(scope)
+        body = bytearray()
+        too_large = declared is not None and declared > limit
+        seen = 0
+        more = True
+        while more and not (too_large and seen > limit + _DRAIN_LIMIT):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            more = message.get("more_body", False)
+            if seen > limit:
+                too_large = True
+                body.clear()
+            elif not too_large:
+                body += chunk
+        if too_large:
+            error = BodyTooLargeError(f"request body is larger than {limit} bytes")
+            RequestRecord.of_scope(scope).error = error.code
+            response = JSONResponse(api_error_body(error), status_code=error.status)
+            response.headers["Connection"] = "close"
+            await response(scope, receive, send)
+            return
+
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # after the body: only http.disconnect will come
+
+        await self.app(scope, replay, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

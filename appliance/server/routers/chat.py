@@ -1,0 +1,39 @@
+"""``POST /v1/chat/completions``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from appliance.runtime.base import Backend, Generation
+from appliance.server.completion import respond
+from appliance.server.deps import KeyName, Record, State
+from appliance.server.openai_shapes import ChatShape
+from appliance.server.schemas import ChatCompletionRequest
+
+router = APIRouter(prefix="/v1", tags=["chat"])
+
+
+@router.post("/chat/completions", summary="Create a chat completion (OpenAI-compatible)")
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, state: State, record: Record, _key: KeyName
+) -> Response:
+    engine = state.engine
+    record.model = body.model
+    engine.check_model(body.model)
+    params = body.params()
+    messages = body.chat()
+    record.stream = bool(body.stream)
+    if state.settings.log_prompts:
+        record.prompt = [{"role": m.role, "content": m.content} for m in messages]
+
+    def start(backend: Backend) -> Generation:
+        return backend.generate(backend.format_chat(messages), params)
+
+    return await respond(
+        request,
+        engine,
+        record,
+        stream=bool(body.stream),
+        shape=ChatShape(model=body.model, include_usage=body.include_usage),
+        start=start,
+    )

@@ -1,0 +1,39 @@
+"""``POST /v1/completions`` (the legacy text completion API)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from appliance.runtime.base import Backend, Generation
+from appliance.server.completion import respond
+from appliance.server.deps import KeyName, Record, State
+from appliance.server.openai_shapes import TextShape
+from appliance.server.schemas import CompletionRequest
+
+router = APIRouter(prefix="/v1", tags=["completions"])
+
+
+@router.post("/completions", summary="Create a text completion (OpenAI-compatible)")
+async def create_completion(
+    body: CompletionRequest, request: Request, state: State, record: Record, _key: KeyName
+) -> Response:
+    engine = state.engine
+    record.model = body.model
+    engine.check_model(body.model)
+    params = body.params()
+    prompt = body.text()
+    record.stream = bool(body.stream)
+    if state.settings.log_prompts:
+        record.prompt = prompt
+
+    def start(backend: Backend) -> Generation:
+        return backend.generate(prompt, params)
+
+    return await respond(
+        request,
+        engine,
+        record,
+        stream=bool(body.stream),
+        shape=TextShape(model=body.model, include_usage=body.include_usage),
+        start=start,
+    )

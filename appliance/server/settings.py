@@ -1,0 +1,130 @@
+"""The server's settings: one pydantic model feeds CLI flags, ``APPLIANCE_*`` variables and a file.
+
+Precedence, highest first: command-line flags, environment (``APPLIANCE_MAX_QUEUE=8``), the
+TOML file given with ``--config`` (top-level keys named like the fields), the defaults here.
+``appliance serve`` builds its flags from :attr:`ServerSettings.model_fields`, so a new field is
+a new flag, a new variable and a new config key at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Final, TypeVar, get_args
+
+import click
+from pydantic import Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from appliance.apikeys import key_file
+from appliance.runtime.base import RuntimeSettings
+from signing.errors import InputError
+
+REQUEST_LOG: Final = "requests.jsonl"
+F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT_PARALLEL: Final[int] = next(
+    f.default for f in fields(RuntimeSettings) if f.name == "parallel"
+)  # type: ignore[assignment]
+
+
+class ServerSettings(BaseSettings):
+    """Limits and switches of ``appliance serve``."""
+
+    model_config = SettingsConfigDict(env_prefix="APPLIANCE_", extra="forbid", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port (0: any free port).")
+    max_concurrency: int | None = Field(
+        None,
+        ge=1,
+        description=f"Requests generating at once (default: {DEFAULT_PARALLEL}, the runtime's).",
+    )
+    max_queue: int = Field(
+        16, ge=0, description="Requests waiting for a free slot; beyond that: 429."
+    )
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description="Largest request body: 413.")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="Per-request limit, queueing included: 504."
+    )
+    log_prompts: bool = Field(False, description="Write prompt text into the request log.")
+    request_log: Path | None = Field(
+        None, description=f"JSON-lines request log (default: ROOT/{REQUEST_LOG})."
+    )
+    api_key_file: Path | None = Field(
+        None, description="API key file (default: ROOT/api-keys.json)."
+    )
+    public_docs: bool = Field(
+        False, description="Serve /docs and /openapi.json without an API key."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # No dotenv, no secrets directory: nothing is read that the operator did not name.
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+    @classmethod
+    def load(cls, *, config: Path | None = None, **overrides: Any) -> ServerSettings:
+        """Settings from ``overrides`` (CLI flags; None means not given), env and ``config``."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        target: type[ServerSettings] = cls
+        if config is not None:
+            if not config.is_file():
+                raise InputError(f"server config {config} does not exist")
+            target = type(
+                cls.__name__, (cls,), {"model_config": {**cls.model_config, "toml_file": config}}
+            )
+        try:
+            return target(**given)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "settings"
+            raise InputError(f"server setting {where}: {first['msg']}") from None
+        except ValueError as exc:  # a TOML syntax error
+            raise InputError(f"server config {config}: {exc}") from None
+
+    def resolved(self, *, root: Path) -> ServerSettings:
+        """Fill the defaults that depend on the host: where the key file and the log are."""
+        return self.model_copy(
+            update={
+                "api_key_file": self.api_key_file or key_file(root),
+                "request_log": self.request_log or root / REQUEST_LOG,
+            }
+        )
+
+    @property
+    def concurrency(self) -> int:
+        """Requests generating at once, which is also the runtime's ``parallel``."""
+        return self.max_concurrency or DEFAULT_PARALLEL
+
+
+def settings_options(command: F) -> F:
+    """Decorate a click command with one option per :class:`ServerSettings` field.
+
+    Every option defaults to None (not given), so that the environment and the config file
+    still apply beneath it; pass the values to :meth:`ServerSettings.load`.
+    """
+    for name, info in reversed(ServerSettings.model_fields.items()):
+        flag = "--" + name.replace("_", "-")
+        kinds = get_args(info.annotation) or (info.annotation,)
+        kind = next(k for k in kinds if k is not type(None))
+        help_text = f"{info.description} [env APPLIANCE_{name.upper()}]"
+        if kind is bool:
+            option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
+        else:
+            click_type: Any = click.Path(path_type=Path) if kind is Path else kind
+            option = click.option(flag, name, type=click_type, default=None, help=help_text)
+        command = option(command)
+    return command
