@@ -215,10 +215,14 @@ class Appliance:
         state.see_installed(
             name=manifest.name, version=manifest.version, seq=seq, created=manifest.created
         )
-        state.trial = Trial(
-            slot=final.name,
-            previous=previous.id if previous else None,
-            until=clock.system + timedelta(seconds=options.grace_period_s),
+        state.trial = (
+            Trial(
+                slot=final.name,
+                previous=previous.id if previous else None,
+                until=clock.system + timedelta(seconds=options.grace_period_s),
+            )
+            if options.grace_period_s > 0
+            else None
         )
         state.save(self.paths.state)
         removed = self.slots.garbage_collect(options.keep)
@@ -292,7 +296,7 @@ class Appliance:
             current = self.slots.current()
             if trial is None or trial.slot != slot or current is None or current.id != slot:
                 return None
-            if clock.system > trial.until:
+            if clock.system >= trial.until:
                 return None
             candidates = [s for s in self.slots.list() if s.id == trial.previous]
             target = candidates[0] if candidates else self.slots.previous(current)
