@@ -12,6 +12,7 @@ from appliance.console import ByteProgress, emit_json, parse_cli_time, run_cli
 from appliance.host import DEFAULT_ROOT, HostState
 from appliance.installer import DEFAULT_GRACE_PERIOD_S, DEFAULT_KEEP, Appliance, InstallOptions
 from appliance.server.settings import ServerSettings, settings_options
+from appliance.service import DEFAULT_UNIT_DIR, UNIT_NAME, ServiceSpec, write_unit
 from appliance.trust import read_root_file
 from signing.canonical import encode_canonical, format_time
 
@@ -293,6 +294,30 @@ def serve(app: Appliance, /, config: Path | None, **options: Any) -> None:
     from appliance.server.serve import serve as serve_active  # noqa: PLC0415 - heavy
 
     serve_active(app.paths.root, ServerSettings.load(config=config, **options))
+
+
+@cli.group()
+def service() -> None:
+    """Run the REST server as a system service."""
+
+
+@service.command("install")
+@click.option(
+    "--unit-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=DEFAULT_UNIT_DIR,
+    show_default=True,
+    help="Where to write appliance.service.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--user", help="Run the service as this user (default: the unit's default).")
+@pass_appliance
+def service_install(app: Appliance, unit_dir: Path, host: str, port: int, user: str | None) -> None:
+    """Write a systemd unit that runs 'serve' from the active slot (then: systemctl enable)."""
+    spec = ServiceSpec(root=app.paths.root.resolve(), host=host, port=port, user=user)
+    path = write_unit(spec, unit_dir)
+    click.echo(f"wrote {path}; run 'systemctl daemon-reload && systemctl enable --now {UNIT_NAME}'")
 
 
 def main() -> NoReturn:
