@@ -51,4 +51,24 @@ host rollback
 host status
 host history
 host history --check
+step "serve the active slot: an OpenAI-style chat completion over HTTP, still with no network"
+KEY=$(appliance --root "$OUT/host" keys add demo-user)
+PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+cat > "$OUT/chat.sh" <<CHAT
+set -eu
+ip link set lo up 2>/dev/null || true
+appliance --root "$OUT/host" serve --host 127.0.0.1 --port $PORT > "$OUT/serve.log" 2>&1 &
+SERVER=\$!
+trap 'kill \$SERVER 2>/dev/null; wait \$SERVER 2>/dev/null || true' EXIT
+for _ in \$(seq 1 100); do
+  curl -sf -o /dev/null -H "Authorization: Bearer $KEY" http://127.0.0.1:$PORT/readyz && break
+  sleep 0.2
+done
+curl -sS --fail-with-body http://127.0.0.1:$PORT/v1/chat/completions \\
+  -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" \\
+  -d '{"model": "demo", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16, "seed": 1}'
+echo
+CHAT
+"${NONET[@]}" bash "$OUT/chat.sh"
+
 printf '\n\033[1mdemo finished: active slot is %s\033[0m\n' "$(readlink "$OUT/host/current")"
