@@ -160,12 +160,14 @@ class Appliance:
             verified = verify_head(head, root=root, now=clock.now)
             record.update(_bundle_fields(verified))
             manifest = verified.manifest
-            self._refuse_installed_version(manifest.name, manifest.version, options)
-            check_version(
-                manifest,
-                highest=state.highest.get(manifest.name),
-                allow_downgrade=options.allow_downgrade,
-            )
+            try:
+                check_version(
+                    manifest,
+                    highest=state.highest.get(manifest.name),
+                    allow_downgrade=options.allow_downgrade,
+                )
+            except PolicyError as exc:
+                raise PolicyError(exc.diagnostics() + self._slot_hint(manifest)) from None
             # I4: room for the payload, so a full disk is a clear refusal, not a torn write.
             free = shutil.disk_usage(self.paths.staging).free
             if manifest.payload_size > free:
@@ -257,17 +259,17 @@ class Appliance:
         }
         atomic_write(staging / SLOT_META, encode_canonical(meta))
 
-    def _refuse_installed_version(self, name: str, version: str, options: InstallOptions) -> None:
-        """A replay of a version that still has a slot: say how to get it back instead."""
-        if options.allow_downgrade:
-            return
-        wanted = BundleManifest.parse_version(version)
+    def _slot_hint(self, manifest: BundleManifest) -> str:
+        """For a refused version that still has a slot: how to get it back instead."""
         for slot in self.slots.list():
-            if slot.name == name and BundleManifest.parse_version(slot.version) == wanted:
-                raise PolicyError(
-                    f"bundle {name} {version} is already installed in slot {slot.id}; "
-                    f"activate it with 'appliance rollback --to {version}'"
+            if slot.name == manifest.name and (
+                BundleManifest.parse_version(slot.version) == manifest.parsed_version
+            ):
+                return (
+                    f"; it is already installed in slot {slot.id}: activate it with "
+                    f"'appliance rollback --to {slot.version}'"
                 )
+        return ""
 
     # -- trial period after activation -----------------------------------------------------
 

@@ -240,8 +240,8 @@ def test_chat_falls_back_when_the_model_has_no_template(tiny_hf: Path, tmp_path:
         prompt = loaded.format_chat([ChatMessage("user", "hi")])
     finally:
         loaded.close()
-    # The template llama.cpp falls back to as well; Jinja drops the template's final newline.
-    assert prompt == "<|user|>\nhi\n<|assistant|>"
+    # The template llama.cpp falls back to as well, ending in a newline after the role.
+    assert prompt == "<|user|>\nhi\n<|assistant|>\n"
 
 
 def test_embeddings_are_normalised_and_distinct(backend: Backend) -> None:
