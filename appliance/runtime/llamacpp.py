@@ -1,4 +1,10 @@
-"""The llama.cpp backend (llama-cpp-python).
+"""A llama.cpp backend of parallel contexts (llama-cpp-python's high-level API).
+
+Not the served backend: ``appliance.runtime.llamacpp_batch`` is (continuous batching, exact
+token counts, cancellation every token). This one stays as the reference the batched engine is
+tested against (greedy output must match) and benchmarked against (bench/bench_batching.py),
+and it holds the helpers both share. Its streaming goes through ``create_completion``, which
+holds back text that is not valid UTF-8 and checks ``cancel`` only when text arrives.
 
 Concurrency: llama-cpp-python's own server serialises every request behind one lock. Here a
 pool of ``parallel`` contexts shares one memory-mapped copy of the weights, so requests run at

@@ -18,6 +18,11 @@ the loop of llama.cpp's server and ``examples/parallel``: every step it
 Text: each token's bytes go through an incremental UTF-8 decoder (a character split across
 tokens comes out whole; bytes that are not UTF-8 come out as U+FFFD, never silently dropped),
 and text that could be the start of a stop string is held back until it is known not to be.
+Every sampled token is one chunk (its text may be empty while held back) and counts as one
+completion token, an end-of-generation token included.
+
+A cancelled request (``Generation.cancel``, or a consumer that closes its chunk iterator) loses
+its slot at the next step; ``close()`` ends every stream in flight, then frees the context.
 
 Sampling follows the OpenAI parameters: penalties over the generated tokens (as llama-cpp-python
 does; the last 64), then temperature, then top-p, then a draw seeded per request; temperature 0
@@ -326,9 +331,9 @@ class BatchedLlamaCppBackend:
             waiting = list(self._waiting)
             self._waiting.clear()
         for sequence in list(self._running):
-            self._release(sequence, failure and ModelError(failure))
+            self._release(sequence, None if failure is None else ModelError(failure))
         for request in waiting:
-            request.out.put(failure and ModelError(failure))
+            request.out.put(None if failure is None else ModelError(failure))
 
     def _admit(self) -> bool:
         """Drop cancelled requests, fill free slots; wait while there is nothing to do."""

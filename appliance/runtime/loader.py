@@ -35,9 +35,11 @@ def slot_runtime_settings(slot: Path, *, parallel: int = 4) -> RuntimeSettings:
 
 def load_backend(settings: RuntimeSettings) -> Backend:
     if settings.backend == "llama.cpp":
-        from appliance.runtime.llamacpp import load_llamacpp  # noqa: PLC0415 - heavy, optional
+        from appliance.runtime.llamacpp_batch import (  # noqa: PLC0415 - heavy, optional
+            load_llamacpp_batched,
+        )
 
-        return load_llamacpp(settings)
+        return load_llamacpp_batched(settings)
     from appliance.runtime.transformers_backend import (  # noqa: PLC0415 - heavy, optional
         load_transformers,
     )

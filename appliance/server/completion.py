@@ -13,16 +13,19 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive
 
 from appliance.runtime.base import Backend, Generation
-from appliance.server.engine import Engine, RunningGeneration
+from appliance.server.deps import AppState
+from appliance.server.engine import RunningGeneration
 from appliance.server.errors import APIError, ClientClosedError, InternalError, api_error_body
 from appliance.server.openai_shapes import SSE_DONE, Shape, sse
 from appliance.server.record import RequestRecord
+from appliance.server.schemas import SamplingRequest
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +34,23 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 async def respond(
     request: Request,
-    engine: Engine,
+    state: AppState,
     record: RequestRecord,
+    body: SamplingRequest,
     *,
-    stream: bool,
     shape: Shape,
+    prompt: Any,
     start: Callable[[Backend], Generation],
 ) -> Response:
-    running = await engine.generate(record, start)
-    if stream:
+    """Answer ``body`` with what ``start`` generates; ``prompt`` goes to the request log
+    (only with ``log_prompts``)."""
+    record.model = body.model
+    record.stream = bool(body.stream)
+    state.engine.check_model(body.model)
+    if state.settings.log_prompts:
+        record.prompt = prompt
+    running = await state.engine.generate(record, start)
+    if body.stream:
         return StreamingResponse(
             _events(running, shape, record),
             media_type="text/event-stream",
@@ -71,7 +82,8 @@ async def _events(
         record.error = error.code
         yield sse(api_error_body(error))
     finally:
-        running.finish("cancelled")  # no-op unless the client left before the end
+        if running.finish("cancelled"):  # the client left before the end
+            record.error = ClientClosedError.code
 
 
 async def _until_disconnect(receive: Receive, running: RunningGeneration) -> tuple[str, str]:

@@ -88,9 +88,11 @@ class Engine:
         )
 
     def stop(self) -> None:
+        """Take no new work. Generations still running were cancelled with their requests
+        and end within a token; not waiting for them keeps the event loop free."""
         executor, self._executor = self._executor, None
         if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+            executor.shutdown(wait=False, cancel_futures=True)
 
     def model_id(self) -> str:
         backend = self.holder.get()
@@ -309,15 +311,16 @@ class RunningGeneration:
                 completion_tokens=last.completion_tokens,
             )
 
-    def finish(self, outcome: Outcome) -> None:
-        """Account for the generation once, however it ended."""
+    def finish(self, outcome: Outcome) -> bool:
+        """Account for the generation once, however it ended; False if it was already."""
         if self._outcome is not None:
-            return
+            return False
         if outcome != "finished":
             self.cancel()
         self._outcome = outcome
         self._record.generation_ended = time.monotonic()
         self._metrics.observe_generation(self._record, outcome)
+        return True
 
     async def collect(self) -> tuple[str, str]:
         """The whole text and the finish reason (not streamed)."""

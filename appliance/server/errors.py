@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance.runtime.base import ContextLengthError
 from appliance.server.record import RequestRecord
-from signing.errors import AirgapError, InputError, ModelError, StateError
+from signing.errors import AirgapError, InputError, StateError
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +151,9 @@ def as_api_error(exc: AirgapError) -> APIError:
         return BadRequestError(message)
     if isinstance(exc, StateError):
         return NotReadyError(message)
-    if isinstance(exc, ModelError):
-        return InternalError(message)
-    return InternalError(message)
+    # ModelError and the rest: details (paths, native errors) are for the operator's log.
+    log.error("request failed: %s", message)
+    return InternalError("the model failed on this request; the server log says why")
 
 
 def install_handlers(app: FastAPI) -> None:

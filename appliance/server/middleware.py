@@ -37,20 +37,34 @@ class RecordMiddleware:
             return
         record = RequestRecord(method=scope["method"], path=scope["path"])
         scope.setdefault("state", {})[STATE_KEY] = record
+        finished = False
+
+        def finish() -> None:
+            nonlocal finished
+            if not finished:
+                finished = True
+                record.route = getattr(scope.get("route"), "path", None)
+                self._finish(record)
 
         async def send_and_note(message: Message) -> None:
             if message["type"] == "http.response.start":
                 record.status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                # Account before the last byte goes out: a client that has its answer
+                # finds it in the log and the metrics already.
+                finish()
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_note)
+        except BaseException:
+            if record.status is None:
+                record.status = 500
+            raise
         finally:
-            route = scope.get("route")
-            record.route = getattr(route, "path", None)
             if record.status is None:  # the client left before any answer
                 record.status = 499
-            self._finish(record)
+            finish()
 
     def _finish(self, record: RequestRecord) -> None:
         try:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import signal
 import socket
+import threading
+from typing import Final
 
 import uvicorn
 
 from appliance.server.app import create_app
 from appliance.server.holder import ModelHolder
 from appliance.server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+_STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 
 
 def build_server(
@@ -29,8 +37,26 @@ def build_server(
 
 
 def run_server(settings: ServerSettings, holder: ModelHolder) -> None:
-    """Serve until SIGINT/SIGTERM; then finish the requests in flight (up to 10 s) and stop."""
-    build_server(settings, holder).run()
+    """Serve until SIGINT/SIGTERM; then finish the requests in flight (up to 10 s) and return.
+
+    uvicorn re-raises the stop signal once it has shut down, to the handler that was there
+    before it; left at the default, that kills the process before the caller can close the
+    model. A handler of ours that only notes the signal makes a requested stop a clean return
+    (exit status 0 for the service manager).
+    """
+    server = build_server(settings, holder)
+    if threading.current_thread() is not threading.main_thread():
+        server.run()
+        return
+    stops: list[int] = []
+    previous = {sig: signal.signal(sig, lambda n, _f: stops.append(n)) for sig in _STOP_SIGNALS}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stops:
+        log.info("stopped by signal %d", stops[0])
 
 
 def bound_port(server: uvicorn.Server) -> int:

@@ -35,7 +35,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Sampling(_Request):
+class SamplingRequest(_Request):
+    """What the two text routes share: the model, sampling, streaming."""
+
     model: str
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
@@ -90,7 +92,7 @@ class ChatMessageIn(BaseModel):
         return ChatMessage(role=self.role, content=text)
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingRequest):
     messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
 
@@ -115,7 +117,7 @@ class ChatCompletionRequest(_Sampling):
         return [m.to_message() for m in self.messages]
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingRequest):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
 
     UNSUPPORTED = (

@@ -3,9 +3,12 @@
 Installs and rollbacks switch ``current`` by one rename; the server notices within
 :data:`POLL_S` seconds, loads the new slot's model next to the old one, and swaps it in
 (:meth:`ModelHolder.swap`): requests in flight finish on the old model, new ones get the new
-one, and the old model is closed when its last request ends. If the new model fails to load,
-the old one keeps serving and the failure is logged; the install's health check makes that
-rare.
+one, and the old model is closed when its last request ends.
+
+A newly installed slot is on trial (docs/operator-guide.md): once its model is loaded, serve
+confirms it (:meth:`Appliance.confirm`); if it does not load within the grace period, serve
+rolls back to the previous slot (:meth:`Appliance.auto_rollback`) and goes on serving that.
+Outside a trial, a model that does not load leaves the old one serving, and says so in the log.
 """
 
 from __future__ import annotations
@@ -17,13 +20,13 @@ from pathlib import Path
 from typing import Final
 
 from appliance.apikeys import KeyStore
-from appliance.host import HostPaths
+from appliance.installer import Appliance
 from appliance.runtime.base import Backend, RuntimeSettings
 from appliance.runtime.loader import load_backend, slot_runtime_settings
 from appliance.server.holder import ModelHolder
 from appliance.server.run import run_server
 from appliance.server.settings import ServerSettings
-from appliance.slots import SlotStore
+from appliance.slots import SlotInfo
 from signing.errors import AirgapError, StateError
 
 log = logging.getLogger(__name__)
@@ -32,31 +35,26 @@ POLL_S: Final = 2.0
 
 
 class SlotFollower:
-    """A thread that swaps in the model of the active slot whenever ``current`` changes."""
+    """Keeps ``holder`` serving the model of the active slot (a thread polls ``current``)."""
 
     def __init__(
         self,
-        paths: HostPaths,
+        root: Path,
         holder: ModelHolder,
         *,
         parallel: int,
         load: Callable[[RuntimeSettings], Backend] = load_backend,
         interval_s: float = POLL_S,
     ) -> None:
-        self._paths = paths
+        self._appliance = Appliance(root)
         self._holder = holder
         self._parallel = parallel
         self._load = load
         self._interval_s = interval_s
+        self._serving: str | None = None  # the slot whose model the holder has
+        self._unconfirmed: str | None = None  # loaded, but the host lock was busy
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="appliance-follow", daemon=True)
-        self._serving = _link_target(paths.current)
-
-    def load_active(self) -> Backend:
-        slot = SlotStore(self._paths).current()
-        if slot is None:
-            raise StateError("no active slot: install a bundle first ('appliance install')")
-        return self._load(slot_runtime_settings(slot.path, parallel=self._parallel))
 
     def start(self) -> None:
         self._thread.start()
@@ -66,47 +64,107 @@ class SlotFollower:
         if self._thread.is_alive():
             self._thread.join()
 
+    def load_active(self) -> None:
+        """Load the active slot's model into the holder (at start: failures are raised)."""
+        backend = self._load_current()
+        if backend is None:  # cannot happen before anything is served; be explicit anyway
+            raise StateError("no model to serve")
+        self._holder.swap(backend)
+
     def check(self) -> bool:
-        """Swap if ``current`` points elsewhere than the model being served; True if swapped."""
-        target = _link_target(self._paths.current)
-        if target == self._serving:
+        """Follow ``current`` if it moved; True if a new model is now served."""
+        if self._active_id() == self._serving:
+            if self._unconfirmed is not None:
+                self._confirm(self._unconfirmed)
             return False
-        self._serving = target
         try:
-            backend = self.load_active()
+            backend = self._load_current()
+        except StateError as exc:  # no active slot, or the host lock is busy: next poll
+            log.warning("cannot follow the active slot yet: %s", exc.diagnostics())
+            return False
         except AirgapError as exc:
-            log.error("active slot changed to %s, keeping the old model: %s", target, exc)  # noqa: TRY400
+            self._serving = self._active_id()  # do not retry this slot every poll
+            log.error(  # noqa: TRY400 (one line for the operator, no traceback)
+                "the model of slot %s does not load; the old model goes on serving: %s",
+                self._serving,
+                exc.diagnostics(),
+            )
+            return False
+        if backend is None:
             return False
         old = self._holder.swap(backend)
         log.info("now serving %s (was %s)", backend.model_id, old.model_id if old else "nothing")
         return True
 
+    def _load_current(self) -> Backend | None:
+        """The active slot's model, or that of the slot a trial rollback went back to.
+
+        None when the rollback went back to the slot being served already.
+        """
+        slot = self._appliance.slots.current()
+        if slot is None:
+            raise StateError("no active slot: install a bundle first ('appliance install')")
+        try:
+            backend = self._load_slot(slot)
+        except AirgapError as exc:
+            restored = self._appliance.auto_rollback(slot.id, reason=exc.diagnostics())
+            if restored is None:  # not on trial: the operator decides
+                raise
+            log.error(  # noqa: TRY400 (one line for the operator, no traceback)
+                "the model of slot %s does not load (%s): rolled back to slot %s",
+                slot.id,
+                exc.diagnostics(),
+                restored.id,
+            )
+            if restored.id == self._serving:
+                return None
+            slot, backend = restored, self._load_slot(restored)
+        self._serving = slot.id
+        self._confirm(slot.id)
+        return backend
+
+    def _load_slot(self, slot: SlotInfo) -> Backend:
+        return self._load(slot_runtime_settings(slot.path, parallel=self._parallel))
+
+    def _confirm(self, slot_id: str) -> None:
+        try:
+            if self._appliance.confirm(slot_id):
+                log.info("slot %s confirmed: its model loads", slot_id)
+            self._unconfirmed = None
+        except StateError:  # an install or rollback holds the host lock: next poll
+            self._unconfirmed = slot_id
+        except AirgapError as exc:  # damaged host state: say so, keep serving
+            self._unconfirmed = None
+            log.error("cannot confirm slot %s: %s", slot_id, exc.diagnostics())  # noqa: TRY400
+
+    def _active_id(self) -> str | None:
+        try:
+            return self._appliance.paths.current.readlink().name
+        except OSError:
+            return None
+
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
-            self.check()
+            try:
+                self.check()
+            except Exception:  # the follower must outlive any surprise; the server goes on
+                log.exception("following the active slot failed")
 
 
 def serve(root: Path, settings: ServerSettings) -> None:
     """Serve the active slot of the appliance at ``root`` until SIGINT/SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)-9s %(message)s")
     settings = settings.resolved(root=root)
     if settings.api_key_file is not None and not KeyStore(settings.api_key_file).list():
         raise StateError(
             f"no API keys in {settings.api_key_file}: create one with 'appliance keys add NAME'"
         )
-    paths = HostPaths(root)
     holder = ModelHolder()
-    follower = SlotFollower(paths, holder, parallel=settings.concurrency)
-    holder.swap(follower.load_active())
+    follower = SlotFollower(root, holder, parallel=settings.concurrency)
+    follower.load_active()
     follower.start()
     try:
         run_server(settings, holder)
     finally:
         follower.stop()
         holder.close()
-
-
-def _link_target(link: Path) -> str | None:
-    try:
-        return str(link.readlink())
-    except OSError:
-        return None

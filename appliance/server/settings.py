@@ -9,9 +9,8 @@ a new flag, a new variable and a new config key at once.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
-from typing import Any, Final, TypeVar, get_args
+from typing import Any, Final, TypeVar, cast, get_args
 
 import click
 from pydantic import Field, ValidationError
@@ -28,9 +27,8 @@ from signing.errors import InputError
 
 REQUEST_LOG: Final = "requests.jsonl"
 F = TypeVar("F", bound=Callable[..., Any])
-DEFAULT_PARALLEL: Final[int] = next(
-    f.default for f in fields(RuntimeSettings) if f.name == "parallel"
-)  # type: ignore[assignment]
+# Requests generating at once is the runtime's ``parallel``: one default, defined there.
+DEFAULT_PARALLEL: Final = cast(int, RuntimeSettings.__dataclass_fields__["parallel"].default)
 
 
 class ServerSettings(BaseSettings):

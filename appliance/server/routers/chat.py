@@ -17,23 +17,18 @@ router = APIRouter(prefix="/v1", tags=["chat"])
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, state: State, record: Record, _key: KeyName
 ) -> Response:
-    engine = state.engine
-    record.model = body.model
-    engine.check_model(body.model)
     params = body.params()
     messages = body.chat()
-    record.stream = bool(body.stream)
-    if state.settings.log_prompts:
-        record.prompt = [{"role": m.role, "content": m.content} for m in messages]
 
     def start(backend: Backend) -> Generation:
         return backend.generate(backend.format_chat(messages), params)
 
     return await respond(
         request,
-        engine,
+        state,
         record,
-        stream=bool(body.stream),
+        body,
         shape=ChatShape(model=body.model, include_usage=body.include_usage),
+        prompt=[{"role": m.role, "content": m.content} for m in messages],
         start=start,
     )

@@ -17,23 +17,18 @@ router = APIRouter(prefix="/v1", tags=["completions"])
 async def create_completion(
     body: CompletionRequest, request: Request, state: State, record: Record, _key: KeyName
 ) -> Response:
-    engine = state.engine
-    record.model = body.model
-    engine.check_model(body.model)
     params = body.params()
     prompt = body.text()
-    record.stream = bool(body.stream)
-    if state.settings.log_prompts:
-        record.prompt = prompt
 
     def start(backend: Backend) -> Generation:
         return backend.generate(prompt, params)
 
     return await respond(
         request,
-        engine,
+        state,
         record,
-        stream=bool(body.stream),
+        body,
         shape=TextShape(model=body.model, include_usage=body.include_usage),
+        prompt=prompt,
         start=start,
     )
