@@ -2,24 +2,47 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import click
 
-from appliance.apikeys import KeyStore, key_file
 from appliance.console import ByteProgress, emit_json, parse_cli_time, run_cli
 from appliance.host import DEFAULT_ROOT, HostState
 from appliance.installer import DEFAULT_GRACE_PERIOD_S, DEFAULT_KEEP, Appliance, InstallOptions
-from appliance.server.settings import ServerSettings, settings_options
 from appliance.service import DEFAULT_UNIT_DIR, UNIT_NAME, ServiceSpec, write_unit
 from appliance.trust import read_root_file
 from signing.canonical import encode_canonical, format_time
 
+if TYPE_CHECKING:
+    from appliance.apikeys import KeyStore
+
 _TIME_HELP = "Use this UTC time (YYYY-MM-DDTHH:MM:SSZ) instead of the system clock; logged."
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+_LAZY_COMMANDS: Final = {"serve": "appliance.server.command:serve"}
+
+
+class _LazyGroup(click.Group):
+    """Loads heavy commands on first use: ``serve`` brings pydantic-settings, FastAPI and
+    uvicorn, which every other command (install, verify, rollback) would otherwise pay for in
+    start-up time. The pattern is click's documented lazy loading of subcommands."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *_LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in _LAZY_COMMANDS:
+            module_name, _, attribute = _LAZY_COMMANDS[cmd_name].partition(":")
+            command = getattr(importlib.import_module(module_name), attribute)
+            if not isinstance(command, click.Command):
+                raise TypeError(f"{_LAZY_COMMANDS[cmd_name]} is not a click command")
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--root",
     "root",
@@ -248,7 +271,7 @@ def keys() -> None:
 @pass_appliance
 def keys_add(app: Appliance, name: str) -> None:
     """Make a key called NAME and print it: it is shown this once and never stored."""
-    key = KeyStore(key_file(app.paths.root)).add(name)
+    key = _key_store(app).add(name)
     click.echo(key)
     click.echo(f"API key {name!r} created; store it now, it cannot be shown again", err=True)
 
@@ -258,7 +281,7 @@ def keys_add(app: Appliance, name: str) -> None:
 @pass_appliance
 def keys_list(app: Appliance, as_json: bool) -> None:
     """List the keys: names and creation times (the keys themselves are not stored)."""
-    stored = KeyStore(key_file(app.paths.root)).list()
+    stored = _key_store(app).list()
     if as_json:
         emit_json([{"name": k.name, "created": k.created} for k in stored])
         return
@@ -273,27 +296,8 @@ def keys_list(app: Appliance, as_json: bool) -> None:
 @pass_appliance
 def keys_revoke(app: Appliance, name: str) -> None:
     """Revoke the key called NAME; a running server refuses it from its next request on."""
-    KeyStore(key_file(app.paths.root)).revoke(name)
+    _key_store(app).revoke(name)
     click.echo(f"API key {name!r} revoked")
-
-
-@cli.command()
-@click.option(
-    "--config",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="TOML file of server settings (keys named like the options, with '_').",
-)
-@settings_options
-@pass_appliance
-def serve(app: Appliance, /, config: Path | None, **options: Any) -> None:
-    """Serve the active slot's model: an OpenAI-compatible REST API (see docs/cli.md).
-
-    Every option may also come from the environment (APPLIANCE_<OPTION>) or --config;
-    options win over the environment, the environment over the file.
-    """
-    from appliance.server.serve import serve as serve_active  # noqa: PLC0415 - heavy
-
-    serve_active(app.paths.root, ServerSettings.load(config=config, **options))
 
 
 @cli.group()
@@ -318,6 +322,12 @@ def service_install(app: Appliance, unit_dir: Path, host: str, port: int, user: 
     spec = ServiceSpec(root=app.paths.root.resolve(), host=host, port=port, user=user)
     path = write_unit(spec, unit_dir)
     click.echo(f"wrote {path}; run 'systemctl daemon-reload && systemctl enable --now {UNIT_NAME}'")
+
+
+def _key_store(app: Appliance) -> KeyStore:
+    from appliance.apikeys import KeyStore, key_file  # noqa: PLC0415 - only the keys commands
+
+    return KeyStore(key_file(app.paths.root))
 
 
 def main() -> NoReturn:
