@@ -30,7 +30,8 @@ class Limits:
     max_manifest_bytes: int = 16 << 20
     max_signature_bytes: int = 1 << 20
     max_trailing_bytes: int = 1 << 20
-    chunk_bytes: int = 1 << 20
+    # 256 KiB chunks stay in cache between hashing and writing; 8 of them in flight.
+    chunk_bytes: int = 256 << 10
     buffers: int = 8
 
 

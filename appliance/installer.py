@@ -397,10 +397,12 @@ class Appliance:
 
 
 class StagingSink:
-    """Writes payload files into staging on a thread of its own, fsyncing each file.
+    """Writes payload files into staging on a thread of its own; a third thread fsyncs them.
 
-    The reader thread hashes chunk N+1 while this thread writes chunk N: both hashlib and
-    os.write release the GIL. A fixed pool of buffers bounds memory whatever the bundle size.
+    The reader thread hashes chunk N+1 while the writer writes chunk N (hashlib and os.write
+    release the GIL), and each finished file is fsynced and closed on the syncer thread while
+    the writer goes on with the next file: the disk flushes while the CPU hashes. A fixed pool
+    of buffers bounds memory whatever the bundle size (docs/benchmarks.md has the figures).
     """
 
     def __init__(self, payload_dir: Path, limits: Limits) -> None:
@@ -411,9 +413,12 @@ class StagingSink:
         self._ops: queue.Queue[tuple[str, Any, int]] = queue.Queue()
         self._error: OSError | None = None
         self._thread = threading.Thread(target=self._run, name="staging-writer", daemon=True)
+        self._to_sync: queue.Queue[int | None] = queue.Queue()
+        self._syncer = threading.Thread(target=self._sync, name="staging-fsync", daemon=True)
 
     def __enter__(self) -> StagingSink:
         self._dir.mkdir(parents=True)
+        self._syncer.start()
         self._thread.start()
         return self
 
@@ -460,8 +465,7 @@ class StagingSink:
                     while view:
                         view = view[os.write(fd, view) :]
                 elif op == "end":
-                    os.fsync(fd)
-                    os.close(fd)
+                    self._to_sync.put(fd)  # the syncer fsyncs and closes it
                     fd = -1
             except OSError as exc:
                 self._error = exc
@@ -470,9 +474,20 @@ class StagingSink:
                     self._free.put(arg)
         if fd >= 0:
             os.close(fd)
+        self._to_sync.put(None)
+        self._syncer.join()
         if self._error is None:
             for directory in sorted(made_dirs, key=lambda p: len(p.parts), reverse=True):
                 fsync_dir(directory)
+
+    def _sync(self) -> None:
+        while (fd := self._to_sync.get()) is not None:
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                self._error = self._error or exc
+            finally:
+                os.close(fd)
 
 
 def _make_parents(directory: Path, made: set[Path]) -> None:
