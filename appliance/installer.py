@@ -446,6 +446,7 @@ class StagingSink:
             raise StateError(f"cannot write the staging slot: {self._error}")
 
     def _run(self) -> None:
+        _leave_signals_to_the_main_thread()
         fd = -1
         made_dirs: set[Path] = {self._dir}
         while True:
@@ -481,6 +482,7 @@ class StagingSink:
                 fsync_dir(directory)
 
     def _sync(self) -> None:
+        _leave_signals_to_the_main_thread()
         while (fd := self._to_sync.get()) is not None:
             try:
                 os.fsync(fd)
@@ -488,6 +490,16 @@ class StagingSink:
                 self._error = self._error or exc
             finally:
                 os.close(fd)
+
+
+def _leave_signals_to_the_main_thread() -> None:
+    """Block SIGINT and SIGTERM in a worker thread, so the kernel delivers them to the main one.
+
+    Python runs handlers in the main thread only; a signal that lands on a worker would not
+    interrupt the main thread's blocking read of a stalled pipe (a paused data diode), and
+    Ctrl-C would wait for the next byte.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def _make_parents(directory: Path, made: set[Path]) -> None:

@@ -178,11 +178,16 @@ def _interrupt_install(world: World, host: Path) -> subprocess.CompletedProcess[
             what="the install to be mid-payload",
         )
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=30)
+        # stdin stays open until the process is gone: an EOF now would race the interrupt.
+        proc.wait(timeout=30)
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        stdout, stderr = proc.stdout.read(), proc.stderr.read()
     finally:
         if proc.poll() is None:  # pragma: no cover - only when an assertion failed
             proc.kill()
             proc.wait()
+        proc.stdin.close()
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
