@@ -412,6 +412,7 @@ class StagingSink:
             self._free.put(bytearray(limits.chunk_bytes))
         self._ops: queue.Queue[tuple[str, Any, int]] = queue.Queue()
         self._error: OSError | None = None
+        self._aborted = False
         self._thread = threading.Thread(target=self._run, name="staging-writer", daemon=True)
         self._to_sync: queue.Queue[int | None] = queue.Queue()
         self._syncer = threading.Thread(target=self._sync, name="staging-fsync", daemon=True)
@@ -423,6 +424,9 @@ class StagingSink:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        # On failure the staging slot is about to be deleted: drop queued writes and skip
+        # every fsync, so an interrupted or refused install ends at once even on a busy disk.
+        self._aborted = exc_type is not None
         self._ops.put(("stop", None, 0))
         self._thread.join()
         if exc_type is None:
@@ -454,7 +458,7 @@ class StagingSink:
             if op == "stop":
                 break
             try:
-                if self._error is not None:
+                if self._error is not None or self._aborted:
                     continue
                 if op == "begin":
                     path = self._dir / arg
@@ -477,7 +481,7 @@ class StagingSink:
             os.close(fd)
         self._to_sync.put(None)
         self._syncer.join()
-        if self._error is None:
+        if self._error is None and not self._aborted:
             for directory in sorted(made_dirs, key=lambda p: len(p.parts), reverse=True):
                 fsync_dir(directory)
 
@@ -485,7 +489,8 @@ class StagingSink:
         _leave_signals_to_the_main_thread()
         while (fd := self._to_sync.get()) is not None:
             try:
-                os.fsync(fd)
+                if not self._aborted:
+                    os.fsync(fd)
             except OSError as exc:
                 self._error = self._error or exc
             finally:
