@@ -6,6 +6,7 @@ import json
 import re
 import signal
 import subprocess
+import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -161,8 +162,15 @@ def test_exit_codes_3_4_and_6(tmp_path: Path, world: World) -> None:
 
 def _interrupt_install(world: World, host: Path) -> subprocess.CompletedProcess[bytes]:
     data = world.big_bundle.read_bytes()
+    # A job started in the background by a non-interactive shell inherits SIGINT ignored, and
+    # the appliance rightly honours that (as under nohup): reset it for the child, so the test
+    # means the same wherever CI runs it from.
+    reset_sigint = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
     proc = subprocess.Popen(
-        [APPLIANCE, "--root", host, "install", "-"],
+        [sys.executable, "-c", reset_sigint, APPLIANCE, "--root", host, "install", "-"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
