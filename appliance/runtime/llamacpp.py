@@ -47,6 +47,26 @@ def _import_llama_cpp() -> Any:
     return llama_cpp
 
 
+class GGUFChatTemplate:
+    """The chat template a GGUF carries (or the fallback), rendered as llama.cpp does."""
+
+    def __init__(self, llama: Any) -> None:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: PLC0415
+
+        def text(token: int) -> str:
+            return str(llama.detokenize([token]).decode("utf-8", "replace"))
+
+        self._formatter = Jinja2ChatFormatter(
+            template=llama.metadata.get("tokenizer.chat_template") or FALLBACK_CHAT_TEMPLATE,
+            eos_token=text(llama.token_eos()),
+            bos_token=text(llama.token_bos()),
+        )
+
+    def format(self, messages: Sequence[ChatMessage]) -> str:
+        chat: Any = [{"role": m.role, "content": m.content} for m in messages]
+        return str(self._formatter(messages=chat).prompt)
+
+
 def resolve_gpu_layers(settings: RuntimeSettings, llama_cpp: Any) -> int:
     if settings.gpu_layers is not None:
         return settings.gpu_layers
@@ -79,9 +99,7 @@ class LlamaCppBackend:
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelError(f"llama.cpp cannot load {settings.model_path}: {exc}") from None
         self._context = int(first.n_ctx())
-        self._template = first.metadata.get("tokenizer.chat_template") or FALLBACK_CHAT_TEMPLATE
-        self._eos = first.detokenize([first.token_eos()]).decode("utf-8", "replace")
-        self._bos = first.detokenize([first.token_bos()]).decode("utf-8", "replace")
+        self._chat = GGUFChatTemplate(first)
         self._embedder: Any = None
         self._embed_lock = threading.Lock()
         self._llama_cpp = llama_cpp
@@ -99,14 +117,7 @@ class LlamaCppBackend:
         return True
 
     def format_chat(self, messages: Sequence[ChatMessage]) -> str:
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: PLC0415
-
-        formatter = Jinja2ChatFormatter(
-            template=self._template, eos_token=self._eos, bos_token=self._bos
-        )
-        chat: Any = [{"role": m.role, "content": m.content} for m in messages]
-        result = formatter(messages=chat)
-        return str(result.prompt)
+        return self._chat.format(messages)
 
     def count_tokens(self, text: str) -> int:
         with self._context_from_pool() as llama:

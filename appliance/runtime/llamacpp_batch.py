@@ -45,7 +45,6 @@ from typing import Any
 
 from appliance.runtime.base import (
     DEFAULT_CONTEXT,
-    FALLBACK_CHAT_TEMPLATE,
     ChatMessage,
     ContextLengthError,
     FinishReason,
@@ -54,7 +53,7 @@ from appliance.runtime.base import (
     RuntimeSettings,
     SamplingParams,
 )
-from appliance.runtime.llamacpp import _import_llama_cpp, resolve_gpu_layers
+from appliance.runtime.llamacpp import GGUFChatTemplate, _import_llama_cpp, resolve_gpu_layers
 from signing.errors import InputError, ModelError
 
 # Tokens per llama_decode call (generating tokens first, then prompt chunks).
@@ -156,11 +155,7 @@ class BatchedLlamaCppBackend:
         self._model = self._llama.model
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
-        self._template = (
-            self._llama.metadata.get("tokenizer.chat_template") or FALLBACK_CHAT_TEMPLATE
-        )
-        self._eos = self._llama.detokenize([self._llama.token_eos()]).decode("utf-8", "replace")
-        self._bos = self._llama.detokenize([self._llama.token_bos()]).decode("utf-8", "replace")
+        self._chat = GGUFChatTemplate(self._llama)
         self._n_batch = max(BATCH_TOKENS, self._parallel)
         self._ctx = self._new_context(requested, threads)
         self._context = min(requested, int(llama_cpp.llama_n_ctx_seq(self._ctx)))
@@ -220,13 +215,7 @@ class BatchedLlamaCppBackend:
         return True
 
     def format_chat(self, messages: Sequence[ChatMessage]) -> str:
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: PLC0415
-
-        formatter = Jinja2ChatFormatter(
-            template=self._template, eos_token=self._eos, bos_token=self._bos
-        )
-        chat: Any = [{"role": m.role, "content": m.content} for m in messages]
-        return str(formatter(messages=chat).prompt)
+        return self._chat.format(messages)
 
     def count_tokens(self, text: str) -> int:
         with self._model_in_use():
