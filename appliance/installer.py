@@ -26,6 +26,7 @@ from appliance.bundle import DiscardSink, Limits, open_bundle, read_head, stream
 from appliance.fsutil import atomic_write, fsync_dir
 from appliance.host import HostPaths, HostState, HostTime, Trial, host_time
 from appliance.lock import HostLock
+from appliance.environment import setup_environment
 from appliance.runtime.loader import health_check
 from appliance.slots import BUNDLE_DIR, PAYLOAD_DIR, SLOT_META, SlotInfo, SlotStore, slot_id
 from appliance.trust import TrustStore
@@ -198,7 +199,11 @@ class Appliance:
                     clock=clock,
                     options=options,
                 )
-                # I7: start the new slot's model in a child process and generate a few tokens.
+                # I7: set the bundle's package environment up offline inside the slot and
+                # smoke-import it; then start the new slot's model in a child process (with
+                # the slot environment's interpreter when it has one) and generate a few tokens.
+                if manifest.environment is not None:
+                    record["environment"] = setup_environment(staging, manifest)
                 if not options.skip_health_check:
                     record["health_check"] = "ok"
                     health_check(staging)

@@ -6,11 +6,19 @@ exactly the kind of surprise an operator finds out about on the isolated host, t
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from signing.errors import FormatError, RecipeError
 from signing.manifest import BundleManifest
@@ -37,7 +45,98 @@ class BundleSection(_Section):
 
 
 class ModelSection(_Section):
-    path: str = Field(min_length=1)
+    """A local file or directory (``path``), or files of a model hub repo at a revision."""
+
+    path: str | None = Field(default=None, min_length=1)
+    repo_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,190}$")
+    revision: str | None = Field(default=None, min_length=1)
+    files: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSection:
+        if (self.path is None) == (self.repo_id is None):
+            raise ValueError("give exactly one of 'path' or 'repo_id'")
+        if self.repo_id is not None and self.revision is None:
+            raise ValueError("'repo_id' needs a pinned 'revision' (a commit sha, tag or branch)")
+        if self.path is not None and (self.revision is not None or self.files):
+            raise ValueError("'revision' and 'files' go with 'repo_id', not with 'path'")
+        return self
+
+
+_MODULE = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+_PYTHON = r"^3\.[0-9]{1,2}$"
+
+
+class PipEnvironment(_Section):
+    """A pip environment for the target host, installed offline into a venv in the slot."""
+
+    type: Literal["pip"]
+    platform: str = Field(pattern=r"^[a-z0-9][a-z0-9_.]{0,63}$")  # manylinux_2_28_x86_64
+    python: str = Field(pattern=_PYTHON)
+    requirements: list[str] = Field(default_factory=list)
+    requirements_file: str | None = None
+    lock: str | None = None
+    index_url: str = "https://pypi.org/simple"
+    extra_index_urls: list[str] = Field(default_factory=list)
+    find_links: list[str] = Field(default_factory=list)
+    build_from_source: list[str] = Field(default_factory=list)
+    build_env: dict[str, str] = Field(default_factory=dict)
+    smoke_imports: list[str] = Field(default_factory=list)
+
+    @field_validator("smoke_imports")
+    @classmethod
+    def _modules(cls, value: list[str]) -> list[str]:
+        return _check_modules(value)
+
+    @model_validator(mode="after")
+    def _inputs(self) -> PipEnvironment:
+        if self.requirements and self.requirements_file is not None:
+            raise ValueError("give 'requirements' or 'requirements_file', not both")
+        if not (self.requirements or self.requirements_file or self.lock):
+            raise ValueError("give 'requirements', 'requirements_file' or an existing 'lock'")
+        return self
+
+    def lock_path(self, recipe_path: Path) -> Path:
+        """Where ``lock`` writes and ``build`` reads: ``lock``, else ``<recipe>.pylock.toml``."""
+        if self.lock is not None:
+            return recipe_path.parent / self.lock
+        return recipe_path.with_name(f"{recipe_path.stem}.pylock.toml")
+
+
+class CondaEnvironment(_Section):
+    """A conda environment for the target host, installed offline into a prefix in the slot."""
+
+    type: Literal["conda"]
+    platform: str = Field(pattern=r"^[a-z0-9]+-[a-z0-9_]+$")  # a conda subdir: linux-64
+    python: str = Field(pattern=_PYTHON)
+    channels: list[str] = Field(default_factory=list)
+    specs: list[str] = Field(default_factory=list)
+    lock: str | None = None
+    smoke_imports: list[str] = Field(default_factory=list)
+
+    @field_validator("smoke_imports")
+    @classmethod
+    def _modules(cls, value: list[str]) -> list[str]:
+        return _check_modules(value)
+
+    @model_validator(mode="after")
+    def _inputs(self) -> CondaEnvironment:
+        if not ((self.specs and self.channels) or self.lock):
+            raise ValueError("give 'specs' and 'channels', or an existing 'lock'")
+        return self
+
+    def lock_path(self, recipe_path: Path) -> Path:
+        """Where ``lock`` writes and ``build`` reads: ``lock``, else ``<recipe>.conda-lock.yml``."""
+        if self.lock is not None:
+            return recipe_path.parent / self.lock
+        return recipe_path.with_name(f"{recipe_path.stem}.conda-lock.yml")
+
+
+def _check_modules(value: list[str]) -> list[str]:
+    for module in value:
+        if not re.fullmatch(_MODULE, module):
+            raise ValueError(f"{module!r} is not a module name")
+    return value
 
 
 class RuntimeSection(_Section):
@@ -52,6 +151,9 @@ class Recipe(_Section):
     bundle: BundleSection
     model: ModelSection
     runtime: RuntimeSection
+    environment: PipEnvironment | CondaEnvironment | None = Field(
+        default=None, discriminator="type"
+    )
 
     def runtime_settings(self) -> dict[str, Any]:
         """Runtime settings as carried in the signed manifest (unset keys left out)."""
@@ -72,7 +174,10 @@ def load_recipe(path: Path) -> tuple[Recipe, bytes]:
         return Recipe.model_validate(data), raw
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
+        loc = list(first["loc"])
+        if loc[:1] == ["environment"] and loc[1:2] in (["pip"], ["conda"]):
+            del loc[1]  # the discriminator tag pydantic adds is not a recipe key
+        where = ".".join(str(part) for part in loc)
         if first["type"] == "extra_forbidden":
             raise RecipeError(f"recipe {path}: unknown key '{where}'") from None
         if first["type"] == "missing":

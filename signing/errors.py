@@ -89,3 +89,25 @@ class ModelError(AirgapError):
     """The model cannot be loaded or run: bad file, missing runtime, failed health check."""
 
     exit_code = 7
+
+
+class EnvironmentSetupError(AirgapError):
+    """A bundle's package environment cannot be set up on this host (missing package, wrong
+    Python, failed smoke import). The new slot is discarded; the active slot is untouched."""
+
+    exit_code = 8
+
+
+class ArtifactError(VerificationError):
+    """A downloaded or cached artifact does not match the hash its lock pins."""
+
+
+class LockError(InputError):
+    """A lock cannot be made or used: unsolvable, wrong target platform, sdist-only package
+    when no build is allowed, or a recipe environment that has no lock yet."""
+
+
+class FetchError(AirgapError):
+    """A URL cannot be fetched after retries (unreachable index, channel, hub or server)."""
+
+    exit_code = 9

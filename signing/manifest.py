@@ -34,6 +34,12 @@ MAX_PATH_BYTES: Final = 240
 MAX_ENTRIES: Final = 100_000
 MAX_VERSION_LENGTH: Final = 64
 DTYPES: Final = frozenset({"auto", "float32", "float16", "bfloat16"})
+ENV_TYPES: Final = frozenset({"pip", "conda"})
+_PLATFORM_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+_PYTHON_RE: Final = re.compile(r"3\.[0-9]{1,2}")
+_MODULE_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+_REPO_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
+_COMMIT_RE: Final = re.compile(r"[0-9a-f]{40}")
 # The runtime table's keys and their checks; the recipe's [runtime] section mirrors it.
 _RUNTIME_INTS: Final = {"context_size": 16, "gpu_layers": -1, "threads": 1}
 
@@ -109,6 +115,85 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class EnvironmentSpec:
+    """The signed description of a bundle's package environment (format section 2.3).
+
+    ``install_list`` is the payload entry the host installs from: for ``pip`` a requirements
+    file that pins every wheel in the bundle by name, version and sha256; for ``conda`` an
+    explicit list of ``<subdir>/<file>#sha256:<hex>`` lines. ``packages`` is the payload
+    directory that holds the wheels or the conda packages.
+    """
+
+    type: str
+    platform: str
+    python: str
+    install_list: str
+    packages: str
+    smoke_imports: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        what = "manifest environment"
+        if self.type not in ENV_TYPES:
+            raise FormatError(f"{what}: type must be one of {sorted(ENV_TYPES)}")
+        if not isinstance(self.platform, str) or not _PLATFORM_RE.fullmatch(self.platform):
+            raise FormatError(f"{what}: platform {self.platform!r} is not a platform tag")
+        if not isinstance(self.python, str) or not _PYTHON_RE.fullmatch(self.python):
+            raise FormatError(f"{what}: python must look like '3.11', got {self.python!r}")
+        check_relative_path(self.install_list, what=f"{what} install_list")
+        check_relative_path(self.packages, what=f"{what} packages")
+        for module in self.smoke_imports:
+            if not isinstance(module, str) or not _MODULE_RE.fullmatch(module):
+                raise FormatError(f"{what}: smoke import {module!r} is not a module name")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "platform": self.platform,
+            "python": self.python,
+            "install_list": self.install_list,
+            "packages": self.packages,
+            "smoke_imports": list(self.smoke_imports),
+        }
+
+    @classmethod
+    def from_dict(cls, value: object) -> EnvironmentSpec:
+        obj = _exact_object(
+            value,
+            {"type", "platform", "python", "install_list", "packages", "smoke_imports"},
+            what="manifest environment",
+        )
+        imports = obj["smoke_imports"]
+        if not isinstance(imports, list):
+            raise FormatError("manifest environment: smoke_imports must be a list")
+        return cls(
+            type=obj["type"],
+            platform=obj["platform"],
+            python=obj["python"],
+            install_list=obj["install_list"],
+            packages=obj["packages"],
+            smoke_imports=tuple(imports),
+        )
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the builder took the model from, when it came from a model hub: the repo and
+    the commit the revision resolved to (a branch name is never recorded, only its sha)."""
+
+    repo_id: str
+    commit: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.repo_id, str) or not _REPO_ID_RE.fullmatch(self.repo_id):
+            raise FormatError(f"manifest model.source: bad repo_id {self.repo_id!r}")
+        if not isinstance(self.commit, str) or not _COMMIT_RE.fullmatch(self.commit):
+            raise FormatError("manifest model.source: commit must be 40 lowercase hex digits")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"repo_id": self.repo_id, "commit": self.commit}
+
+
+@dataclass(frozen=True)
 class BundleManifest:
     """What a threshold of bundle keys vouches for: identity, validity and every payload byte."""
 
@@ -119,6 +204,8 @@ class BundleManifest:
     runtime: Mapping[str, Any]
     model_path: str
     entries: tuple[Entry, ...]
+    environment: EnvironmentSpec | None = None
+    model_source: ModelSource | None = None
     _parsed_version: Version = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -136,6 +223,12 @@ class BundleManifest:
             for e in self.entries
         ):
             raise FormatError(f"manifest: model.path {self.model_path!r} names no entry")
+        if self.environment is not None:
+            env = self.environment
+            if not any(e.path == env.install_list for e in self.entries):
+                raise FormatError(
+                    f"manifest: environment install_list {env.install_list!r} names no entry"
+                )
 
     @property
     def parsed_version(self) -> Version:
@@ -167,9 +260,15 @@ class BundleManifest:
             "created": format_time(self.created),
             "expires": format_time(self.expires),
             "runtime": dict(self.runtime),
-            "model": {"path": self.model_path},
+            "model": self._model_dict(),
             "entries": [e.to_dict() for e in self.entries],
-        }
+        } | ({"environment": self.environment.to_dict()} if self.environment else {})
+
+    def _model_dict(self) -> dict[str, Any]:
+        model: dict[str, Any] = {"path": self.model_path}
+        if self.model_source is not None:
+            model["source"] = self.model_source.to_dict()
+        return model
 
     def to_bytes(self) -> bytes:
         """The exact bytes that are signed and stored as the bundle's manifest member."""
@@ -182,7 +281,8 @@ class BundleManifest:
     def from_bytes(cls, data: bytes) -> BundleManifest:
         obj = _exact_object(
             decode_canonical(data, what="manifest"),
-            {
+            optional={"environment"},
+            keys={
                 "_type",
                 "format_version",
                 "name",
@@ -208,7 +308,13 @@ class BundleManifest:
         runtime = obj["runtime"]
         if not isinstance(runtime, dict):
             raise FormatError("manifest: runtime must be an object")
-        model = _exact_object(obj["model"], {"path"}, what="manifest model")
+        model = _exact_object(
+            obj["model"], {"path"}, optional={"source"}, what="manifest model"
+        )
+        source = None
+        if "source" in model:
+            src = _exact_object(model["source"], {"repo_id", "commit"}, what="manifest model.source")
+            source = ModelSource(repo_id=src["repo_id"], commit=src["commit"])
         raw_entries = obj["entries"]
         if not isinstance(raw_entries, list):
             raise FormatError("manifest: entries must be a list")
@@ -223,6 +329,10 @@ class BundleManifest:
             runtime=runtime,
             model_path=model["path"],
             entries=entries,
+            environment=(
+                EnvironmentSpec.from_dict(obj["environment"]) if "environment" in obj else None
+            ),
+            model_source=source,
         )
 
 
@@ -264,11 +374,13 @@ def _check_entries(entries: tuple[Entry, ...]) -> None:
                 raise FormatError(f"manifest: entry {'/'.join(parts[:i])!r} is also a directory")
 
 
-def _exact_object(value: object, keys: set[str], *, what: str) -> dict[str, Any]:
+def _exact_object(
+    value: object, keys: set[str], *, what: str, optional: frozenset[str] | set[str] = frozenset()
+) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise FormatError(f"{what}: must be a JSON object")
     missing = keys - value.keys()
-    extra = value.keys() - keys
+    extra = value.keys() - keys - optional
     if missing:
         raise FormatError(f"{what}: missing field {sorted(missing)[0]!r}")
     if extra:

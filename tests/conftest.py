@@ -6,9 +6,11 @@ drive the real ``appliance.installer.Appliance`` on a directory under ``tmp_path
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from localhttp import LocalServer
 from simulator import BundleSimulator, Host
 
 
@@ -31,3 +33,12 @@ def installed_host(host: Host) -> Host:
     """``host`` with a good ``demo 1.0.0`` installed and active."""
     host.install(host.sim.bundle("1.0.0"))
     return host
+
+
+@pytest.fixture
+def local_server(tmp_path: Path) -> Iterator[LocalServer]:
+    """A real HTTP server on loopback serving ``tmp_path / "www"`` (see tests/localhttp.py)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    with LocalServer(root) as server:
+        yield server
