@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from appliance.bundle import DiscardSink, Limits, open_bundle, read_head, stream_payload
+from appliance.environment import setup_environment
 from appliance.fsutil import atomic_write, fsync_dir
 from appliance.host import HostPaths, HostState, HostTime, Trial, host_time
 from appliance.lock import HostLock
-from appliance.environment import setup_environment
 from appliance.runtime.loader import health_check
 from appliance.slots import BUNDLE_DIR, PAYLOAD_DIR, SLOT_META, SlotInfo, SlotStore, slot_id
 from appliance.trust import TrustStore

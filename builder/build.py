@@ -44,6 +44,8 @@ def build_time() -> datetime:
 def collect_payload(recipe_path: Path, recipe: Recipe) -> tuple[list[PayloadFile], str]:
     """The files a recipe puts in the bundle, and where the model lives inside it."""
     base = recipe_path.parent
+    if recipe.model.path is None:
+        raise InputError("hub models are fetched by builder.environment, not collect_payload")
     model_src = base / recipe.model.path
     files = [PayloadFile(RECIPE_ENTRY, recipe_path, "recipe")]
     if model_src.is_symlink():

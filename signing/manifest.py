@@ -38,7 +38,9 @@ ENV_TYPES: Final = frozenset({"pip", "conda"})
 _PLATFORM_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 _PYTHON_RE: Final = re.compile(r"3\.[0-9]{1,2}")
 _MODULE_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-_REPO_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
+_REPO_ID_RE: Final = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?"
+)
 _COMMIT_RE: Final = re.compile(r"[0-9a-f]{40}")
 # The runtime table's keys and their checks; the recipe's [runtime] section mirrors it.
 _RUNTIME_INTS: Final = {"context_size": 16, "gpu_layers": -1, "threads": 1}
@@ -308,12 +310,12 @@ class BundleManifest:
         runtime = obj["runtime"]
         if not isinstance(runtime, dict):
             raise FormatError("manifest: runtime must be an object")
-        model = _exact_object(
-            obj["model"], {"path"}, optional={"source"}, what="manifest model"
-        )
+        model = _exact_object(obj["model"], {"path"}, optional={"source"}, what="manifest model")
         source = None
         if "source" in model:
-            src = _exact_object(model["source"], {"repo_id", "commit"}, what="manifest model.source")
+            src = _exact_object(
+                model["source"], {"repo_id", "commit"}, what="manifest model.source"
+            )
             source = ModelSource(repo_id=src["repo_id"], commit=src["commit"])
         raw_entries = obj["entries"]
         if not isinstance(raw_entries, list):

@@ -141,7 +141,7 @@ def make_simple_index(www: Path, artifacts: Iterable[Path], *, prefix: str = "")
 
 def _project_of(filename: str) -> str:
     if filename.endswith(".whl"):
-        return filename.split("-")[0]
+        return filename.split("-", maxsplit=1)[0]
     return filename.removesuffix(".tar.gz").rsplit("-", 1)[0]
 
 

@@ -44,7 +44,7 @@ from appliance.slots import SlotInfo
 from appliance.tarstream import BLOCK, padded
 from builder.pack import DEFAULT_SIGNATURE_SPACE, tar_header
 from signing.keys import SigningKey
-from signing.manifest import BundleManifest, Entry, encode_signature_block
+from signing.manifest import BundleManifest, Entry, EnvironmentSpec, encode_signature_block
 from signing.metadata import BUNDLE_ROLE, ROOT_ROLE, Role, Root, Signature, SignedRoot, sign_root
 
 USTAR_MAGIC: Final = b"ustar\x0000"
@@ -328,8 +328,13 @@ class BundleSimulator:
         expires: datetime | None = None,
         runtime: Mapping[str, Any] | None = None,
         model_path: str | None = None,
+        environment: EnvironmentSpec | None = None,
     ) -> tuple[BundleManifest, dict[str, bytes]]:
-        """A valid manifest over ``files`` (path -> content) and the payload it describes."""
+        """A valid manifest over ``files`` (path -> content) and the payload it describes.
+
+        With ``environment``, ``files`` must hold its install list and packages (see
+        docs/adr/0007-package-environments.md for the layout).
+        """
         payload = dict(sorted((files if files is not None else DEFAULT_FILES).items()))
         if model_path is None:
             model_path = "model/tiny.gguf" if "model/tiny.gguf" in payload else next(iter(payload))
@@ -351,6 +356,7 @@ class BundleSimulator:
             runtime=dict(runtime if runtime is not None else DEFAULT_RUNTIME),
             model_path=model_path,
             entries=entries,
+            environment=environment,
         )
         return manifest, payload
 
@@ -421,6 +427,12 @@ class BundleSimulator:
 def _kind(path: str, model_path: str) -> str:
     if path == model_path or path.startswith(model_path + "/"):
         return "model"
+    if path.startswith(("env/wheels/", "env/conda/")):
+        return "package"
+    if path.startswith("env/"):
+        return "lock"
+    if path == "sbom.cdx.json":
+        return "sbom"
     if path.endswith(".toml"):
         return "recipe"
     return "file"
