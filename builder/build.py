@@ -8,19 +8,46 @@ docs/adr/0003-deterministic-bundles.md.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Protocol
 
+from builder.environment import prepare_environment, resolve_model
 from builder.pack import DEFAULT_SIGNATURE_SPACE, hash_file, sign_manifest, write_bundle
-from builder.recipe import Recipe, load_recipe
+from builder.recipe import load_recipe
+from builder.sbom import SBOM_ENTRY, FileRecord, make_sbom
 from signing.errors import InputError
 from signing.keys import SigningKey
 from signing.manifest import BundleManifest, Entry, check_relative_path
 
 RECIPE_ENTRY = "recipe.toml"
 MODEL_DIR = "model"
+
+
+class ByteBar(Protocol):
+    """A progress display over bytes (appliance.console.ByteProgress)."""
+
+    def __enter__(self) -> ByteBar: ...
+    def __exit__(self, *_: object) -> None: ...
+    def start(self, total: int, description: str) -> None: ...
+    def advance(self, amount: int) -> None: ...
+
+
+class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
+    def start(self, total: int, description: str) -> None:
+        pass
+
+    def advance(self, amount: int) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -41,12 +68,8 @@ def build_time() -> datetime:
         raise InputError(f"SOURCE_DATE_EPOCH={epoch!r} is not a Unix time") from None
 
 
-def collect_payload(recipe_path: Path, recipe: Recipe) -> tuple[list[PayloadFile], str]:
-    """The files a recipe puts in the bundle, and where the model lives inside it."""
-    base = recipe_path.parent
-    if recipe.model.path is None:
-        raise InputError("hub models are fetched by builder.environment, not collect_payload")
-    model_src = base / recipe.model.path
+def collect_payload(recipe_path: Path, model_src: Path) -> tuple[list[PayloadFile], str]:
+    """The recipe and model files a recipe puts in the bundle, and where the model lives."""
     files = [PayloadFile(RECIPE_ENTRY, recipe_path, "recipe")]
     if model_src.is_symlink():
         raise InputError(f"model path {model_src} is a symbolic link; give the real path")
@@ -65,8 +88,6 @@ def collect_payload(recipe_path: Path, recipe: Recipe) -> tuple[list[PayloadFile
                 raise InputError(f"model directory holds a special file: {path}")
     else:
         raise InputError(f"model path {model_src} does not exist")
-    for f in files:
-        check_relative_path(f.entry_path, what="payload file")
     files.sort(key=lambda f: f.entry_path)
     return files, model_path
 
@@ -77,31 +98,68 @@ def build_bundle(
     keys: Sequence[SigningKey],
     *,
     signature_space: int = DEFAULT_SIGNATURE_SPACE,
-    progress: Callable[[int], None] | None = None,
+    progress_factory: Callable[[], ByteBar] | None = None,
+    lock: bool = False,
+    jobs: int = 8,
+    say: Callable[[str], None] = lambda _: None,
 ) -> BundleManifest:
     recipe, _ = load_recipe(recipe_path)
-    files, model_path = collect_payload(recipe_path, recipe)
-    entries = []
-    for f in files:
-        size, digest = hash_file(f.source)
-        entries.append(Entry(path=f.entry_path, size=size, sha256=digest, kind=f.kind))
     created = build_time()
-    manifest = BundleManifest(
-        name=recipe.bundle.name,
-        version=recipe.bundle.version,
-        created=created,
-        expires=created + timedelta(days=recipe.bundle.valid_days),
-        runtime=recipe.runtime_settings(),
-        model_path=model_path,
-        entries=tuple(entries),
-    )
-    signatures = sign_manifest(manifest.to_bytes(), keys)
-    write_bundle(
-        out,
-        manifest,
-        {f.entry_path: f.source for f in files},
-        signatures,
-        signature_space=signature_space,
-        progress=progress,
-    )
+    model = resolve_model(recipe_path, recipe, say=say)
+    files, model_path = collect_payload(recipe_path, model.source_path)
+    with tempfile.TemporaryDirectory(prefix="appliance-build-") as tmp:
+        work = Path(tmp)
+        env = prepare_environment(recipe_path, recipe, work=work, lock=lock, jobs=jobs, say=say)
+        if env is not None:
+            files += [PayloadFile(f.entry_path, f.source, f.kind) for f in env.files]
+        records = {f.entry_path: FileRecord(f.entry_path, *hash_file(f.source)) for f in files}
+        sbom = work / SBOM_ENTRY
+        sbom.write_bytes(
+            make_sbom(
+                name=recipe.bundle.name,
+                version=recipe.bundle.version,
+                created=created,
+                model_path=model_path,
+                model_files=[r for f, r in records.items() if _under(f, model_path)],
+                model_source=model.source,
+                environment=(env.spec.type, env.spec.platform, env.spec.python) if env else None,
+                artifacts=env.artifacts if env else [],
+                locks=[records[f.entry_path] for f in files if f.kind == "lock"],
+            )
+        )
+        files.append(PayloadFile(SBOM_ENTRY, sbom, "sbom"))
+        records[SBOM_ENTRY] = FileRecord(SBOM_ENTRY, *hash_file(sbom))
+        files.sort(key=lambda f: f.entry_path)
+        for f in files:
+            check_relative_path(f.entry_path, what="payload file")
+        manifest = BundleManifest(
+            name=recipe.bundle.name,
+            version=recipe.bundle.version,
+            created=created,
+            expires=created + timedelta(days=recipe.bundle.valid_days),
+            runtime=recipe.runtime_settings(),
+            model_path=model_path,
+            entries=tuple(
+                Entry(path=f.entry_path, size=r.size, sha256=r.sha256, kind=f.kind)
+                for f in files
+                for r in (records[f.entry_path],)
+            ),
+            environment=env.spec if env else None,
+            model_source=model.source,
+        )
+        signatures = sign_manifest(manifest.to_bytes(), keys)
+        with progress_factory() if progress_factory else _NoBar() as bar:
+            bar.start(manifest.payload_size, "writing bundle")
+            write_bundle(
+                out,
+                manifest,
+                {f.entry_path: f.source for f in files},
+                signatures,
+                signature_space=signature_space,
+                progress=bar.advance,
+            )
     return manifest
+
+
+def _under(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory + "/")

@@ -10,7 +10,6 @@ import click
 
 from appliance.bundle import Limits, open_bundle, read_head
 from appliance.console import ByteProgress, emit_json, parse_cli_time, run_cli
-from builder.build import build_bundle
 from builder.pack import DEFAULT_SIGNATURE_SPACE, cosign_in_place
 from builder.tinymodel import write_tiny_llama
 from signing.canonical import format_time
@@ -205,25 +204,69 @@ def root_fingerprint(root_json: Path) -> None:
     show_default=True,
     help="Bytes reserved for signatures, so co-signing never moves the payload.",
 )
+@click.option(
+    "--lock",
+    "lock_first",
+    is_flag=True,
+    help="Lock the environment first if it has no lock yet (else an unlocked one is refused).",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1, max=64),
+    default=8,
+    show_default=True,
+    help="Parallel downloads.",
+)
 @_passphrase_option
 def build(
-    recipe: Path, keys: tuple[Path, ...], output: Path, signature_space: int, passphrase: str | None
+    recipe: Path,
+    keys: tuple[Path, ...],
+    output: Path,
+    signature_space: int,
+    lock_first: bool,
+    jobs: int,
+    passphrase: str | None,
 ) -> None:
-    """Build a deterministic bundle from RECIPE."""
+    """Build a deterministic bundle from RECIPE: lock, fetch by hash, sign, write one tar."""
+    # Imported here: the lockers, fetcher and hub client cost 0.4 s that keygen, sign and
+    # inspect should not pay.
+    from builder.build import build_bundle  # noqa: PLC0415
+
     signing_keys = [load_signing_key(k, _encode(passphrase)) for k in keys]
-    with ByteProgress() as progress:
-        progress.start(0, "writing bundle")
-        manifest = build_bundle(
-            recipe,
-            output,
-            signing_keys,
-            signature_space=signature_space,
-            progress=progress.callback(),
-        )
+    manifest = build_bundle(
+        recipe,
+        output,
+        signing_keys,
+        signature_space=signature_space,
+        lock=lock_first,
+        jobs=jobs,
+        say=_say,
+        progress_factory=ByteProgress,
+    )
     click.echo(
         f"wrote {output}: {manifest.name} {manifest.version}, {len(manifest.entries)} "
         f"files, {manifest.payload_size} bytes, {len(signing_keys)} signature(s)"
     )
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+def lock(recipe: Path) -> None:
+    """Resolve RECIPE's [environment] for its target platform and Python into a hashed lock.
+
+    pip: uv pip compile, written as pylock.toml; conda: conda-lock when conda, mamba or
+    micromamba is on PATH, else py-rattler, written as conda-lock.yml. Commit the lock.
+    """
+    from builder.environment import lock_environment  # noqa: PLC0415 - as in build
+    from builder.recipe import load_recipe  # noqa: PLC0415
+
+    parsed, _ = load_recipe(recipe)
+    path = lock_environment(recipe, parsed)
+    click.echo(f"wrote {path}")
+
+
+def _say(message: str) -> None:
+    click.echo(message, err=True)
 
 
 @cli.command()
@@ -280,6 +323,21 @@ def inspect(bundle: Path, root_json: Path | None, as_json: bool) -> None:
     click.echo(f"created  {format_time(manifest.created)}  expires {format_time(manifest.expires)}")
     click.echo(f"runtime  {dict(manifest.runtime)}")
     click.echo(f"model    {manifest.model_path}")
+    if manifest.model_source is not None:
+        src = manifest.model_source
+        click.echo(f"  from   {src.repo_id} at commit {src.commit}")
+    env = manifest.environment
+    if env is not None:
+        packages = [e for e in manifest.entries if e.kind == "package"]
+        click.echo(
+            f"env      {env.type} for {env.platform}, Python {env.python}: {len(packages)} "
+            f"package(s) in {env.packages}, installed from {env.install_list}"
+        )
+        if env.smoke_imports:
+            click.echo(f"  smoke  import {', '.join(env.smoke_imports)}")
+    for e in manifest.entries:
+        if e.kind in ("lock", "sbom"):
+            click.echo(f"{e.kind:<8} {e.path}  sha256 {e.sha256[:16]}")
     click.echo(f"signed   {len(signatures)}: {', '.join(s.keyid[:12] for s in signatures)}")
     if "verified_signers" in info:
         click.echo(f"verified {len(info['verified_signers'])} signature(s) against {root_json}")

@@ -81,6 +81,7 @@ class PipEnvironment(_Section):
     find_links: list[str] = Field(default_factory=list)
     build_from_source: list[str] = Field(default_factory=list)
     build_env: dict[str, str] = Field(default_factory=dict)
+    build_isolation: bool = False
     smoke_imports: list[str] = Field(default_factory=list)
 
     @field_validator("smoke_imports")
@@ -97,10 +98,12 @@ class PipEnvironment(_Section):
         return self
 
     def lock_path(self, recipe_path: Path) -> Path:
-        """Where ``lock`` writes and ``build`` reads: ``lock``, else ``<recipe>.pylock.toml``."""
+        """Where ``lock`` writes and ``build`` reads: ``lock``, else ``pylock.<recipe>.toml``
+        (PEP 751 names lock files ``pylock.<name>.toml``, with no dots in the name)."""
         if self.lock is not None:
             return recipe_path.parent / self.lock
-        return recipe_path.with_name(f"{recipe_path.stem}.pylock.toml")
+        name = re.sub(r"[^A-Za-z0-9_-]+", "-", recipe_path.stem)
+        return recipe_path.with_name(f"pylock.{name}.toml")
 
 
 class CondaEnvironment(_Section):
@@ -112,6 +115,8 @@ class CondaEnvironment(_Section):
     channels: list[str] = Field(default_factory=list)
     specs: list[str] = Field(default_factory=list)
     lock: str | None = None
+    glibc: str = Field(default="2.28", pattern=r"^[0-9]+\.[0-9]+$")
+    cuda: str | None = Field(default=None, pattern=r"^[0-9]+\.[0-9]+$")
     smoke_imports: list[str] = Field(default_factory=list)
 
     @field_validator("smoke_imports")

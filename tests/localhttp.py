@@ -43,7 +43,9 @@ class LocalServer:
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     @property
     def url(self) -> str:
@@ -109,6 +111,8 @@ class LocalServer:
                             self._send(status, headers, data, body=body, fault=fault)
                             return
                 target = (server.root / path.lstrip("/")).resolve()
+                if target.is_dir():  # a PEP 503 project page is a directory's index.html
+                    target = target / "index.html"
                 if not target.is_relative_to(server.root.resolve()) or not target.is_file():
                     self._send(404, {}, b"not found\n", body=body)
                     return

@@ -263,6 +263,7 @@ def test_bundle_is_a_standard_tar(world: World, tmp_path: Path) -> None:
         "signatures.json",
         "payload/model/model.bin",
         "payload/recipe.toml",
+        "payload/sbom.cdx.json",
     ]
     for line in listing:
         perms, owner = line.split()[:2]

@@ -1,0 +1,259 @@
+"""From a recipe's ``[environment]`` and ``[model]`` to the payload files of a bundle.
+
+This is the orchestration behind ``appliance-builder lock`` and ``build`` (docs/adr/0007):
+
+1. the lock: read the committed lock (``build`` refuses an environment without one unless
+   ``--lock`` is given, which makes it first);
+2. select the artifacts for the *target* platform and Python (builder.pipenv, builder.condaenv);
+3. fetch them by hash into the content-addressed cache (builder.fetch);
+4. build the allowed sdists into wheels on the builder (pip only), cached by sdist hash and
+   build settings so that a rebuild does not compile again;
+5. write the install list the host installs from, and describe everything for the manifest
+   (``EnvironmentSpec``) and the SBOM.
+
+Hub models are fetched here too (builder.hub), so that ``build`` sees one local directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from builder.artifacts import Artifact
+from builder.condaenv import conda_install_list, load_conda_artifacts, lock_conda
+from builder.fetch import Cache, fetch_all
+from builder.hub import fetch_hub_model
+from builder.pipenv import (
+    build_wheels,
+    load_pip_lock,
+    lock_pip,
+    pip_install_list,
+    select_pip_artifacts,
+)
+from builder.recipe import CondaEnvironment, PipEnvironment, Recipe
+from signing.errors import LockError, RecipeError
+from signing.manifest import EnvironmentSpec, ModelSource
+
+ENV_DIR = "env"
+LOCK_DIR = f"{ENV_DIR}/lock"
+WHEELS_DIR = f"{ENV_DIR}/wheels"
+CONDA_DIR = f"{ENV_DIR}/conda"
+PIP_INSTALL_LIST = f"{ENV_DIR}/requirements.txt"
+CONDA_INSTALL_LIST = f"{ENV_DIR}/conda-explicit.txt"
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class EnvFile:
+    """A file the environment adds to the payload: its path in the bundle, where it lies on
+    the builder, and its entry kind."""
+
+    entry_path: str
+    source: Path
+    kind: str
+
+
+@dataclass
+class PreparedEnvironment:
+    spec: EnvironmentSpec
+    files: list[EnvFile] = field(default_factory=list)
+    artifacts: list[Artifact] = field(default_factory=list)
+    lock_path: Path | None = None
+
+
+def lock_environment(recipe_path: Path, recipe: Recipe) -> Path:
+    """``appliance-builder lock``: solve the recipe's environment for its target; the lock."""
+    env = recipe.environment
+    if env is None:
+        raise RecipeError(f"recipe {recipe_path} has no [environment] to lock")
+    if isinstance(env, PipEnvironment):
+        return lock_pip(recipe_path, env)
+    return lock_conda(recipe_path, env, glibc=env.glibc, cuda=env.cuda)
+
+
+def prepare_environment(
+    recipe_path: Path,
+    recipe: Recipe,
+    *,
+    work: Path,
+    lock: bool = False,
+    jobs: int = 8,
+    progress: bool | None = None,
+    say: Say = lambda _: None,
+) -> PreparedEnvironment | None:
+    """Lock (if asked), select, fetch and build the recipe's environment; None without one."""
+    env = recipe.environment
+    if env is None:
+        return None
+    lock_path = env.lock_path(recipe_path)
+    if not lock_path.is_file():
+        if not lock:
+            raise LockError(
+                f"the environment of {recipe_path} is not locked: no {lock_path}; run "
+                f"'appliance-builder lock {recipe_path}' and commit the lock, or build with --lock"
+            )
+        say(f"locking the environment for {env.platform} / Python {env.python}")
+        lock_path = lock_environment(recipe_path, recipe)
+    cache = Cache()
+    if isinstance(env, PipEnvironment):
+        prepared = _prepare_pip(env, lock_path, cache, work, jobs=jobs, progress=progress, say=say)
+    else:
+        prepared = _prepare_conda(env, lock_path, cache, work, jobs=jobs, progress=progress)
+    prepared.lock_path = lock_path
+    prepared.files.append(EnvFile(f"{LOCK_DIR}/{lock_path.name}", lock_path, "lock"))
+    prepared.files.sort(key=lambda f: f.entry_path)
+    return prepared
+
+
+def _prepare_pip(
+    env: PipEnvironment,
+    lock_path: Path,
+    cache: Cache,
+    work: Path,
+    *,
+    jobs: int,
+    progress: bool | None,
+    say: Say,
+) -> PreparedEnvironment:
+    wheels, sdists = select_pip_artifacts(load_pip_lock(lock_path, env), env)
+    fetched = fetch_all([*wheels, *sdists], cache, jobs=jobs, progress=progress)
+    built: list[tuple[Artifact, Path]] = []
+    to_build: list[tuple[Artifact, Path]] = []
+    for sdist in sdists:
+        hit = _built_lookup(cache, sdist, env)
+        if hit is not None:
+            built.append(hit)
+        else:
+            to_build.append((sdist, fetched[sdist.sha256]))
+    if to_build:
+        names = ", ".join(f"{a.name} {a.version}" for a, _ in to_build)
+        say(f"building from sdist on this machine: {names}")
+        for sdist_and_wheel in zip(
+            to_build, build_wheels(to_build, env, work, isolation=env.build_isolation), strict=True
+        ):
+            (sdist, _), (wheel, path) = sdist_and_wheel
+            cached = _built_store(cache, sdist, env, wheel, path)
+            built.append((wheel, cached))
+    artifacts = sorted([*wheels, *(a for a, _ in built)], key=lambda a: a.filename)
+    paths = {a.sha256: fetched[a.sha256] for a in wheels} | {a.sha256: p for a, p in built}
+    install_list = work / "requirements.txt"
+    install_list.write_bytes(pip_install_list(artifacts))
+    files = [EnvFile(f"{WHEELS_DIR}/{a.filename}", paths[a.sha256], "package") for a in artifacts]
+    files.append(EnvFile(PIP_INSTALL_LIST, install_list, "lock"))
+    spec = EnvironmentSpec(
+        type="pip",
+        platform=env.platform,
+        python=env.python,
+        install_list=PIP_INSTALL_LIST,
+        packages=WHEELS_DIR,
+        smoke_imports=tuple(env.smoke_imports),
+    )
+    return PreparedEnvironment(spec=spec, files=files, artifacts=artifacts)
+
+
+def _prepare_conda(
+    env: CondaEnvironment,
+    lock_path: Path,
+    cache: Cache,
+    work: Path,
+    *,
+    jobs: int,
+    progress: bool | None,
+) -> PreparedEnvironment:
+    artifacts = sorted(
+        load_conda_artifacts(lock_path, env), key=lambda a: (a.subdir or "", a.filename)
+    )
+    fetched = fetch_all(artifacts, cache, jobs=jobs, progress=progress)
+    install_list = work / "conda-explicit.txt"
+    install_list.write_bytes(conda_install_list(artifacts))
+    files = [
+        EnvFile(f"{CONDA_DIR}/{a.subdir or 'noarch'}/{a.filename}", fetched[a.sha256], "package")
+        for a in artifacts
+    ]
+    files.append(EnvFile(CONDA_INSTALL_LIST, install_list, "lock"))
+    spec = EnvironmentSpec(
+        type="conda",
+        platform=env.platform,
+        python=env.python,
+        install_list=CONDA_INSTALL_LIST,
+        packages=CONDA_DIR,
+        smoke_imports=tuple(env.smoke_imports),
+    )
+    return PreparedEnvironment(spec=spec, files=files, artifacts=artifacts)
+
+
+# -- the cache of builder-built wheels ---------------------------------------------------------
+#
+# A wheel built from an sdist is remembered under a key made of the sdist's hash, the target and
+# the build settings (a CUDA build must never be served from a CPU build's cache entry). The
+# record names the wheel's sha256; the wheel itself lies in the content-addressed cache and is
+# re-hashed on every use like any other artifact.
+
+
+def _built_key(sdist: Artifact, env: PipEnvironment) -> str:
+    settings = {
+        "sdist": sdist.sha256,
+        "platform": env.platform,
+        "python": env.python,
+        "build_env": dict(sorted(env.build_env.items())),
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _built_record(cache: Cache, sdist: Artifact, env: PipEnvironment) -> Path:
+    return cache.root / "built" / f"{_built_key(sdist, env)}.json"
+
+
+def _built_lookup(
+    cache: Cache, sdist: Artifact, env: PipEnvironment
+) -> tuple[Artifact, Path] | None:
+    record = _built_record(cache, sdist, env)
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    wheel = Artifact(**data)
+    path = cache.lookup(wheel.sha256)
+    if path is None:
+        return None
+    return wheel, path
+
+
+def _built_store(
+    cache: Cache, sdist: Artifact, env: PipEnvironment, wheel: Artifact, path: Path
+) -> Path:
+    stored = cache.add(path, wheel.sha256)
+    record = _built_record(cache, sdist, env)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(f".tmp{os.getpid()}")
+    fields = {k: getattr(wheel, k) for k in Artifact.__dataclass_fields__}
+    tmp.write_text(json.dumps(fields, sort_keys=True))
+    tmp.replace(record)
+    return stored
+
+
+# -- the model ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where the model's files lie on the builder, and where they came from."""
+
+    source_path: Path
+    source: ModelSource | None
+
+
+def resolve_model(recipe_path: Path, recipe: Recipe, *, say: Say = lambda _: None) -> ResolvedModel:
+    """A local ``path`` as it is; a hub ``repo_id`` fetched at its revision's commit."""
+    model = recipe.model
+    if model.path is not None:
+        return ResolvedModel(recipe_path.parent / model.path, None)
+    fetched = fetch_hub_model(model)
+    if fetched.resolved:
+        say(f"model {fetched.repo_id}: revision {model.revision} resolved to {fetched.commit}")
+    return ResolvedModel(fetched.directory, ModelSource(fetched.repo_id, fetched.commit))
