@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, Protocol, runtime_checkable
 
 from appliance.tarstream import MemberHeader, ReadableStream, TarReader
 from signing.errors import FormatError, PayloadError
@@ -33,6 +33,10 @@ class Limits:
     # 256 KiB chunks stay in cache between hashing and writing; 8 of them in flight.
     chunk_bytes: int = 256 << 10
     buffers: int = 8
+    # Install from a bundle file: the kernel copies this much of a member at a time into the
+    # staged file, which is then read back in chunks and hashed (step I5, ADR 0008). 0 keeps
+    # a bundle file on the streaming path (read, hash, write on a thread), as a pipe is.
+    copy_window_bytes: int = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,24 @@ class PayloadSink(Protocol):
 
     def write(self, buffer: bytearray, length: int) -> None:
         """Take ``buffer[:length]``; the sink owns the buffer until it hands it out again."""
+
+    def end(self, entry: Entry) -> None:
+        """The entry's bytes all arrived and matched their signed sha256."""
+
+
+@runtime_checkable
+class CopySink(Protocol):
+    """A sink that moves payload bytes from the bundle itself (a kernel copy, step I5) and
+    hands back the bytes as it stored them, to be hashed."""
+
+    def begin(self, entry: Entry) -> None: ...
+
+    def take(self, tar: TarReader, length: int) -> memoryview:
+        """Store the member's next bytes, at most ``length``, moving them with
+        :meth:`TarReader.transfer`; return exactly the bytes stored, read back, for hashing.
+
+        The view is valid until the next call.
+        """
 
     def end(self, entry: Entry) -> None:
         """The entry's bytes all arrived and matched their signed sha256."""
@@ -97,12 +119,16 @@ def read_head(tar: TarReader, limits: Limits) -> BundleHead:
 def stream_payload(
     tar: TarReader,
     manifest: BundleManifest,
-    sink: PayloadSink,
+    sink: PayloadSink | CopySink,
     *,
     limits: Limits,
     progress: Callable[[int], None] | None = None,
 ) -> None:
-    """Steps V6 to V9: each member must be the next entry; hash it while the sink stores it."""
+    """Steps V6 to V9: each member must be the next entry; hash it while the sink stores it.
+
+    A :class:`CopySink` moves the data bytes itself; every header, the padding and the end of
+    the archive are still read and checked here, by the same strict reader, in the same order.
+    """
     entries = manifest.entries
     names = {PAYLOAD_PREFIX + e.path: i for i, e in enumerate(entries)}
     seen: set[str] = set()
@@ -132,7 +158,7 @@ def open_bundle(stream: ReadableStream, limits: Limits) -> TarReader:
 def _stream_member(
     tar: TarReader,
     entry: Entry,
-    sink: PayloadSink,
+    sink: PayloadSink | CopySink,
     *,
     limits: Limits,
     progress: Callable[[int], None] | None,
@@ -140,17 +166,28 @@ def _stream_member(
     digest = hashlib.sha256()
     sink.begin(entry)
     remaining = entry.size
-    while remaining:
-        buffer = sink.buffer()
-        length = min(remaining, limits.chunk_bytes, len(buffer))
-        view = memoryview(buffer)[:length]
-        tar.read_into(view)
-        # hashlib releases the GIL on large updates, so this overlaps the sink's writing.
-        digest.update(view)
-        sink.write(buffer, length)
-        remaining -= length
-        if progress is not None:
-            progress(length)
+    if isinstance(sink, CopySink):
+        while remaining:
+            stored = sink.take(tar, remaining)
+            length = len(stored)
+            if not 0 < length <= remaining:  # pragma: no cover - a broken sink
+                raise RuntimeError(f"sink took {length} bytes of {remaining}")
+            digest.update(stored)
+            remaining -= length
+            if progress is not None:
+                progress(length)
+    else:
+        while remaining:
+            buffer = sink.buffer()
+            length = min(remaining, limits.chunk_bytes, len(buffer))
+            view = memoryview(buffer)[:length]
+            tar.read_into(view)
+            # hashlib releases the GIL on large updates, so this overlaps the sink's writing.
+            digest.update(view)
+            sink.write(buffer, length)
+            remaining -= length
+            if progress is not None:
+                progress(length)
     actual = digest.hexdigest()
     if actual != entry.sha256:
         raise PayloadError(

@@ -12,26 +12,52 @@ import os
 import sys
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from signing.canonical import parse_time
 from signing.errors import AirgapError, InputError
 
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+
 EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130
 
-stderr = Console(stderr=True)
+_stderr_console: Console | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """``stderr``, the rich console on standard error, made on first use: rich costs tens of
+    milliseconds of start-up that a command whose stderr is no terminal never needs."""
+    if name == "stderr":
+        return _stderr()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _stderr() -> Console:
+    global _stderr_console  # noqa: PLW0603 - one console per process, made lazily
+    if _stderr_console is None:
+        from rich.console import Console  # noqa: PLC0415 - only for a terminal
+
+        _stderr_console = Console(stderr=True)
+    return _stderr_console
+
+
+def _may_be_terminal() -> bool:
+    """False only where rich would surely find no terminal on stderr, without importing it
+    (rich's ``Console.is_terminal``: ``TTY_COMPATIBLE``, ``FORCE_COLOR``, then ``isatty``)."""
+    tty_compatible = os.environ.get("TTY_COMPATIBLE", "")
+    if tty_compatible == "0":
+        return False
+    if tty_compatible == "1" or os.environ.get("FORCE_COLOR") is not None:
+        return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def run_cli(group: click.Group, prog_name: str) -> NoReturn:
@@ -80,33 +106,52 @@ def emit_json(value: Any) -> None:
 
 
 class ByteProgress:
-    """A rich progress bar over bytes, shown only when stderr is a terminal."""
+    """A rich progress bar over bytes, shown only when stderr is a terminal.
+
+    When stderr is surely no terminal (a pipe, a file, a service's journal) rich is not even
+    imported, and every call does nothing.
+    """
 
     def __init__(self) -> None:
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+        if not _may_be_terminal():
+            return
+        from rich.progress import (  # noqa: PLC0415 - only for a terminal
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        console = _stderr()
         self._progress = Progress(
             "[progress.description]{task.description}",
             BarColumn(),
             DownloadColumn(),
             TransferSpeedColumn(),
             TimeRemainingColumn(),
-            console=stderr,
+            console=console,
             transient=True,
-            disable=not stderr.is_terminal,
+            disable=not console.is_terminal,
         )
-        self._task: TaskID | None = None
 
     def __enter__(self) -> ByteProgress:
-        self._progress.start()
+        if self._progress is not None:
+            self._progress.start()
         return self
 
     def __exit__(self, *_: object) -> None:
-        self._progress.stop()
+        if self._progress is not None:
+            self._progress.stop()
 
     def start(self, total: int, description: str) -> None:
-        self._task = self._progress.add_task(description, total=total)
+        if self._progress is not None:
+            self._task = self._progress.add_task(description, total=total)
 
     def advance(self, amount: int) -> None:
-        if self._task is not None:
+        if self._progress is not None and self._task is not None:
             self._progress.advance(self._task, amount)
 
     def callback(self) -> Callable[[int], None]:

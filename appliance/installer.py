@@ -7,12 +7,14 @@ docs/bundle-format.md. Every outcome, refusals included, is written to the audit
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
 import queue
 import shutil
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Iterator
@@ -20,20 +22,36 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from appliance.bundle import DiscardSink, Limits, open_bundle, read_head, stream_payload
-from appliance.environment import setup_environment
 from appliance.fsutil import atomic_write, fsync_dir
 from appliance.host import HostPaths, HostState, HostTime, Trial, host_time
 from appliance.lock import HostLock
-from appliance.runtime.loader import health_check
 from appliance.slots import BUNDLE_DIR, PAYLOAD_DIR, SLOT_META, SlotInfo, SlotStore, slot_id
+from appliance.tarstream import TarReader
 from appliance.trust import TrustStore
 from appliance.verifier import VerifiedManifest, check_version, verify_head
 from signing.canonical import encode_canonical, format_time, parse_time
 from signing.errors import AirgapError, InputError, ModelError, PolicyError, StateError
 from signing.manifest import BundleManifest, Entry
+
+if TYPE_CHECKING:
+    from appliance.environment import setup_environment
+    from appliance.runtime.loader import health_check
+else:
+    # Step I7's helpers are imported on first use: their modules bring asyncio, venv and the
+    # runtime, which verify (and an install without an environment) never needs at start-up.
+    def setup_environment(*args: Any, **kwargs: Any) -> Any:
+        from appliance.environment import setup_environment as run  # noqa: PLC0415
+
+        return run(*args, **kwargs)
+
+    def health_check(*args: Any, **kwargs: Any) -> Any:
+        from appliance.runtime.loader import health_check as run  # noqa: PLC0415
+
+        return run(*args, **kwargs)
+
 
 DEFAULT_KEEP: Final = 3
 # After activation, a model that fails to load in `serve` within this time rolls back by itself.
@@ -176,12 +194,14 @@ class Appliance:
                     f"not enough space: bundle payload needs {manifest.payload_size} bytes, "
                     f"{free} free in {self.paths.root}"
                 )
-            # I5: one pass: hash every member while the writer thread stores it in staging.
+            # I5: one pass: every member is stored in staging and its stored bytes hashed; from
+            # a bundle file the kernel copies them (CopyingSink), from a pipe a writer thread
+            # writes what was read and hashed (StagingSink).
             seq = state.next_seq
             staging = self.slots.new_staging(slot_id(seq, manifest))
             try:
                 _start(progress, verified)
-                with StagingSink(staging / PAYLOAD_DIR, self.limits) as sink:
+                with _payload_sink(staging / PAYLOAD_DIR, stream, self.limits) as sink:
                     stream_payload(
                         tar,
                         manifest,
@@ -500,6 +520,162 @@ class StagingSink:
                 self._error = self._error or exc
             finally:
                 os.close(fd)
+
+
+# copy_file_range cannot copy between these two files (another file system on a kernel before
+# 5.3 or from 5.19 on, no such system call, a file system or sandbox that refuses it): the
+# next way down is tried (see CopyingSink._move).
+_NO_KERNEL_COPY: Final = frozenset(
+    {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.ETXTBSY}
+)
+_COPY_FILE_RANGE: Final = "copy_file_range"
+_SENDFILE: Final = "sendfile"
+_READ_WRITE: Final = "read/write"
+
+
+class CopyingSink:
+    """Step I5 for a bundle that is a regular file: the kernel copies the data, we hash it.
+
+    For each window (``Limits.copy_window_bytes``) of a member, ``os.copy_file_range`` copies
+    the bytes from the bundle file's current position into the staged file inside the kernel
+    (no copy through Python, no writer thread); then the staged bytes are read back from the
+    page cache in ``Limits.chunk_bytes`` pieces, each hashed while it is still in the CPU's
+    cache. What is hashed is therefore what the staged file holds, not the source, which could
+    change between a hash and a copy (docs/adr/0008-install-copy-path.md). The strict reader
+    still reads every header and padding block: the copy advances the file position it reads
+    from, through :meth:`TarReader.transfer`, which also detects a truncated bundle.
+
+    Where ``copy_file_range`` is refused (another file system, an old kernel), ``sendfile``
+    copies instead, and where that is refused too, plain ``read`` and ``write``; the staged
+    bytes are read back and hashed either way. Finished files are fsynced and closed on a
+    second thread while the next file is copied; directories at the end, deepest first. On
+    any failure nothing more is fsynced: the staging slot is about to be removed.
+    """
+
+    def __init__(self, payload_dir: Path, source_fd: int, limits: Limits) -> None:
+        self._dir = payload_dir
+        self._src = source_fd
+        self._window = max(limits.copy_window_bytes, limits.chunk_bytes)
+        self._buffer = bytearray(limits.chunk_bytes)
+        self._view = memoryview(self._buffer)
+        self._mode = _COPY_FILE_RANGE
+        self._fd = -1
+        self._copied = 0  # bytes of the current file in place
+        self._hashed = 0  # of which read back and handed out
+        self._made_dirs: set[Path] = {payload_dir}
+        self._error: OSError | None = None
+        self._aborted = False
+        self._to_sync: queue.Queue[int | None] = queue.Queue()
+        self._syncer = threading.Thread(target=self._sync, name="staging-fsync", daemon=True)
+
+    @property
+    def mode(self) -> str:
+        """How bytes are being copied: copy_file_range, sendfile or read/write."""
+        return self._mode
+
+    def __enter__(self) -> CopyingSink:
+        self._dir.mkdir(parents=True)
+        self._syncer.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        # On failure the staging slot is about to be deleted: skip every fsync still to do.
+        self._aborted = exc_type is not None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._to_sync.put(None)
+        self._syncer.join()
+        if exc_type is None:
+            self._raise_if_failed()
+            for directory in sorted(self._made_dirs, key=lambda p: len(p.parts), reverse=True):
+                fsync_dir(directory)
+
+    def begin(self, entry: Entry) -> None:
+        self._raise_if_failed()
+        path = self._dir / entry.path
+        _make_parents(path.parent, self._made_dirs)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        self._fd = os.open(path, flags, 0o644)
+        self._copied = self._hashed = 0
+
+    def take(self, tar: TarReader, length: int) -> memoryview:
+        self._raise_if_failed()
+        if self._hashed == self._copied:
+            window = min(length, self._window)
+            try:
+                tar.transfer(window, self._move)
+            finally:
+                self._copied = os.lseek(self._fd, 0, os.SEEK_CUR)
+        view = self._view[: min(self._copied - self._hashed, len(self._buffer))]
+        _read_exactly_at(self._fd, view, self._hashed)
+        self._hashed += len(view)
+        return view
+
+    def end(self, entry: Entry) -> None:
+        self._to_sync.put(self._fd)  # the syncer fsyncs and closes it
+        self._fd = -1
+
+    def _move(self, count: int) -> int:
+        """Copy up to ``count`` bytes from the bundle's position to the staged file's."""
+        while self._mode != _READ_WRITE:
+            try:
+                if self._mode == _COPY_FILE_RANGE:
+                    moved = os.copy_file_range(self._src, self._fd, count)
+                else:
+                    moved = os.sendfile(self._fd, self._src, None, count)
+            except OSError as exc:
+                if exc.errno not in _NO_KERNEL_COPY:
+                    raise
+                self._mode = _SENDFILE if self._mode == _COPY_FILE_RANGE else _READ_WRITE
+                continue
+            if moved > 0:
+                return moved
+            # 0 is the end of the bundle, or a file system that copies nothing (some virtual
+            # and network ones): a read tells the two apart, and the copy goes on by reading.
+            self._mode = _READ_WRITE
+        view = self._view[: min(count, len(self._buffer))]
+        got = os.readv(self._src, [view])
+        _write_all(self._fd, view[:got])
+        return got
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise StateError(f"cannot write the staging slot: {self._error}")
+
+    def _sync(self) -> None:
+        _leave_signals_to_the_main_thread()
+        while (fd := self._to_sync.get()) is not None:
+            try:
+                if not self._aborted and self._error is None:
+                    os.fsync(fd)
+            except OSError as exc:
+                self._error = self._error or exc
+            finally:
+                os.close(fd)
+
+
+def _payload_sink(
+    payload_dir: Path, stream: io.FileIO, limits: Limits
+) -> StagingSink | CopyingSink:
+    """The kernel copy for a bundle that is a regular file; the writer thread for a pipe."""
+    if limits.copy_window_bytes > 0 and stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+        return CopyingSink(payload_dir, stream.fileno(), limits)
+    return StagingSink(payload_dir, limits)
+
+
+def _read_exactly_at(fd: int, view: memoryview, offset: int) -> None:
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            raise StateError(f"staged file shorter than what was copied into it ({offset + got})")
+        got += n
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _leave_signals_to_the_main_thread() -> None:

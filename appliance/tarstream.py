@@ -9,6 +9,7 @@ reads from any binary stream and raises :class:`~signing.errors.FormatError` on 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -101,6 +102,35 @@ class TarReader:
         name = self._pending.name if self._pending else "?"
         self._read_exact(buffer, what=f"member {name!r}")
         self._remaining -= len(buffer)
+
+    def transfer(self, length: int, move: Callable[[int], int]) -> None:
+        """Let ``move`` take the next ``length`` bytes of the current member's data itself.
+
+        For a caller that moves data without reading it into Python (a kernel copy from the
+        bundle file, docs/bundle-format.md step I5): ``move(n)`` must take at most ``n`` bytes
+        from the stream's current position, advance that position by what it took, and return
+        that count, 0 at the end of the stream. The accounting and the truncation check are
+        those of :meth:`read_into`, so the headers and padding that follow are read from the
+        right place and a short bundle fails with the same error.
+        """
+        if length > self._remaining:
+            raise RuntimeError("read past the end of the current member")
+        name = self._pending.name if self._pending else "?"
+        got = 0
+        try:
+            while got < length:
+                n = move(length - got)
+                if n <= 0:
+                    raise FormatError(
+                        f"bundle: truncated in member {name!r} (at byte {self._offset + got})"
+                    )
+                if n > length - got:
+                    raise RuntimeError(f"moved {n} bytes, asked for at most {length - got}")
+                got += n
+        finally:
+            # What was moved is consumed, even when ``move`` failed half-way.
+            self._offset += got
+            self._remaining -= got
 
     def read_member(self, header: MemberHeader) -> bytes:
         """Read a whole (small, already size-checked) member's data."""

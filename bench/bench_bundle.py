@@ -285,6 +285,24 @@ def bench_size(fx: Fixture, size: int, args: argparse.Namespace) -> dict[str, An
         "tar+fsync": (reset_extract, shell(f"{tar} && {fsync_files}")),
         "tar+sha256+sync": (reset_extract, shell(f"{tar} && {hash_files} && sync")),
         "install": (reset_host, lambda: fx.host(host, "install", str(bundle), *fx.install_args())),
+        # The same bundle through a pipe (as from a data diode): the streaming path of step I5
+        # (read, hash, write on a thread) instead of the kernel copy a bundle file gets.
+        "install - (pipe)": (
+            reset_host,
+            lambda: run_child(
+                [
+                    "sh",
+                    "-c",
+                    'b=$1 a=$2 r=$3; shift 3; cat "$b" | "$a" --root "$r" install - "$@"',
+                    "sh",
+                    str(bundle),
+                    fx.appliance,
+                    str(host),
+                    *fx.install_args(),
+                ],
+                log=fx.log,
+            ),
+        ),
     }
     print(f"   install vs tar, {args.repeat} repetitions", flush=True)
     result["install"] = interleave(install_sides, args.repeat, bundle)

@@ -12,6 +12,10 @@ Calls ``appliance.installer.Appliance`` directly (no CLI start-up), with:
 - reference runs in the same interleaving: read only, read + sha256 (``Appliance.verify``),
   and ``tar -xf`` + ``sync`` / per-file fsync, as child processes.
 
+``install (product)`` takes the product's path for a bundle file (``CopyingSink``: kernel copy,
+hash of the staged bytes); ``install (product, streaming path)`` and every experimental sink
+run the streaming path (``StagingSink``) on the same file (``Limits.copy_window_bytes=0``).
+
     .venv/bin/python bench/profile_install.py --size 1G --repeat 3
 
 Builds its own bundle with the real CLI (through bench_bundle.Fixture) unless --bundle and
@@ -244,6 +248,10 @@ class Runner:
         Appliance(self.host).trust_init(self.root_data, fingerprint=None)
 
     def install(self, *, mode: str | None = None, limits: Limits | None = None) -> float:
+        if mode is not None:
+            # The experimental sinks replace StagingSink, the streaming path: keep a bundle
+            # file off the kernel copy (CopyingSink) so that they are what runs.
+            limits = dataclasses.replace(limits or Limits(), copy_window_bytes=0)
         app = Appliance(self.host, limits=limits)
         original = installer_module.StagingSink
         if mode is not None:
@@ -313,6 +321,9 @@ def variants(
         "read only (python, 1 MiB)": runner.read_only,
         "verify (product: read + sha256)": runner.verify,
         "install (product)": runner.install,
+        "install (product, streaming path: copy_window_bytes=0)": lambda: runner.install(
+            limits=Limits(copy_window_bytes=0)
+        ),
         "prototype: in-kernel copy, hash the staged bytes": runner.kernel_copy,
     }
 
@@ -343,6 +354,8 @@ def main() -> None:
     parser.add_argument("--buffers", default="2,32", help="buffer counts to try")
     parser.add_argument("--only", default="", help="comma-separated substrings of variants")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR.with_name("profile"))
+    parser.add_argument("--bundle", type=Path, help="an existing bundle (with --root-json)")
+    parser.add_argument("--root-json", type=Path, help="the root that signed --bundle")
     args = parser.parse_args()
 
     appliance, builder = tools()
@@ -352,8 +365,12 @@ def main() -> None:
     os.environ.setdefault("SOURCE_DATE_EPOCH", str(int(time.time())))
     try:
         fx = Fixture(work, appliance, builder, work / "commands.log")
-        bundle, _ = fx.build(parse_size(args.size), args.files)
-        runner = Runner(fx, bundle, fx.root_json)
+        if args.bundle is not None and args.root_json is not None:
+            bundle, root_json = args.bundle.resolve(), args.root_json.resolve()
+        else:
+            bundle, _ = fx.build(parse_size(args.size), args.files)
+            root_json = fx.root_json
+        runner = Runner(fx, bundle, root_json)
         table = variants(
             runner,
             [parse_size(c) for c in args.chunks.split(",") if c],

@@ -10,17 +10,24 @@ needs valid signatures) and then asserts, through the real ``Appliance`` API:
   every slot file, the host state and the trusted root; and that ``staging/`` is empty;
 - that the refusal was appended to the audit log (outcome ``refused``) and the chain holds.
 
+:func:`refuse` runs every bundle both ways the installer reads one: from a file (the kernel
+copies the payload into staging, ``CopyingSink``) and from a pipe (``-``: read, hashed and
+written by a thread, ``StagingSink``); both must refuse with the same error.
+
 Step numbers (V1-V9, I1-I10) refer to docs/bundle-format.md.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -159,7 +166,48 @@ def refuse(
             event="verify",
         )
     _, record = assert_refused(host, exc, match, lambda: host.appliance.install(path, options))
+    # The same bytes through a pipe take the streaming path (no kernel copy): same refusal.
+    if verify:
+        assert_refused(
+            host,
+            exc,
+            match,
+            lambda: from_pipe(data, lambda: host.appliance.verify("-", **_time(options))),
+            event="verify",
+        )
+    assert_refused(
+        host, exc, match, lambda: from_pipe(data, lambda: host.appliance.install("-", options))
+    )
     return record
+
+
+def _time(options: InstallOptions) -> dict[str, Any]:
+    return {"assume_time": options.assume_time}
+
+
+def from_pipe(data: bytes, run: Callable[[], object]) -> object:
+    """``run`` with ``data`` on standard input through a real pipe (``install -``)."""
+    read_fd, write_fd = os.pipe()
+
+    def feed() -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(write_fd, view) :]
+        except BrokenPipeError:
+            pass  # the reader refused and stopped reading
+        finally:
+            os.close(write_fd)
+
+    feeder = threading.Thread(target=feed, name="pipe-feeder", daemon=True)
+    feeder.start()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sys, "stdin", SimpleNamespace(fileno=lambda: read_fd))
+            return run()
+    finally:
+        os.close(read_fd)
+        feeder.join()
 
 
 def refuse_stream(
