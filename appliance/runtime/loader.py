@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from appliance.environment import env_python
 from appliance.runtime.base import Backend, RuntimeSettings
 from appliance.slots import BUNDLE_DIR, PAYLOAD_DIR
 from signing.errors import IntegrityError, ModelError
@@ -48,8 +49,13 @@ def load_backend(settings: RuntimeSettings) -> Backend:
 
 
 def health_check(slot: Path, *, timeout_s: float = HEALTH_CHECK_TIMEOUT_S) -> str:
-    """Load the slot's model in a child process and generate a few tokens; return the text."""
-    command = [sys.executable, "-m", "appliance.runtime.healthcheck", str(slot)]
+    """Load the slot's model in a child process and generate a few tokens; return the text.
+
+    The child runs under the slot environment's interpreter when the slot has one (its own
+    packages first, the appliance's after them: docs/adr/0007), else under this one.
+    """
+    python = env_python(slot)
+    command = [str(python or sys.executable), "-m", "appliance.runtime.healthcheck", str(slot)]
     try:
         result = subprocess.run(
             command, capture_output=True, text=True, timeout=timeout_s, check=False
