@@ -11,6 +11,7 @@ import click
 from appliance.console import ByteProgress, emit_json, parse_cli_time, run_cli
 from appliance.host import DEFAULT_ROOT, HostState
 from appliance.installer import DEFAULT_GRACE_PERIOD_S, DEFAULT_KEEP, Appliance, InstallOptions
+from appliance.provenance import describe_provenance, slot_provenance
 from appliance.service import DEFAULT_UNIT_DIR, UNIT_NAME, ServiceSpec, write_unit
 from appliance.trust import read_root_file
 from signing.canonical import encode_canonical, format_time
@@ -214,6 +215,9 @@ def status(app: Appliance, as_json: bool) -> None:
         if active
         else "active:   none"
     )
+    if info["provenance"]:
+        for line in describe_provenance(info["provenance"]):
+            click.echo(line)
     for slot in info["slots"]:
         mark = "*" if active and slot["id"] == active["id"] else " "
         click.echo(
@@ -236,6 +240,7 @@ def _status(app: Appliance) -> dict[str, Any]:
         "root": str(app.paths.root),
         "trust": trust_info,
         "active": current.to_json() if current else None,
+        "provenance": slot_provenance(current.path) if current else None,
         "slots": [s.to_json() for s in app.slots.list()],
         "highest_installed": state.highest,
         "time_floor": format_time(state.time_floor) if state.time_floor else None,

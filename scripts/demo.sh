@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end demo on the embedded default: keys, a 2-of-2 root, a tiny generated model,
-# bundles v1 and v2, verify, install both, status, a refused tampered bundle, rollback, history.
+# bundles v1 and v2 carrying the llama.cpp backend's pinned packages (lockfiles/), verify,
+# install both (each sets its environment up offline in its slot), status, a refused tampered
+# bundle, rollback, history, and a chat completion served from the slot's environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -21,9 +23,10 @@ appliance-builder root create --root-key "$OUT/keys/root.pem" \
 step "model and recipes: v1 from bundles/demo.toml, v2 with new weights"
 appliance-builder tiny-model bundles/models/tiny.gguf --seed 1
 appliance-builder tiny-model "$OUT/v2/models/tiny.gguf" --seed 2
-sed 's/^version = "1.0.0"/version = "1.1.0"/' bundles/demo.toml > "$OUT/v2/demo.toml"
+sed -e 's/^version = "1.0.0"/version = "1.1.0"/' -e "s#^lock = \"\.\./lockfiles/#lock = \"$PWD/lockfiles/#" \
+  bundles/demo.toml > "$OUT/v2/demo.toml"
 
-step "build v1 signed by signer A, then co-signed in place by signer B"
+step "build v1 signed by signer A (packages fetched by hash from the lock), co-signed by B"
 appliance-builder build bundles/demo.toml --key "$OUT/keys/signer-a.pem" -o "$OUT/demo-1.0.0.tar"
 appliance-builder sign "$OUT/demo-1.0.0.tar" --key "$OUT/keys/signer-b.pem"
 appliance-builder build "$OUT/v2/demo.toml" --key "$OUT/keys/signer-a.pem" \
@@ -43,7 +46,7 @@ host status
 
 step "a tampered bundle is refused and the active slot is untouched"
 cp "$OUT/demo-1.1.0.tar" "$OUT/tampered.tar"
-printf "X" | dd of="$OUT/tampered.tar" bs=1 seek=100000 conv=notrunc status=none  # a byte of model weights
+printf "X" | dd of="$OUT/tampered.tar" bs=1 seek=100000 conv=notrunc status=none  # a payload byte (a wheel)
 if host install "$OUT/tampered.tar" --allow-downgrade; then echo "tampered bundle was accepted!"; exit 1; fi
 
 step "rollback to 1.0.0, then the audit log and its hash chain"

@@ -15,6 +15,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -305,6 +306,14 @@ class World:
 
     def source_file(self, version: str, entry: str) -> Path:
         """The source of a payload entry of bundle ``version`` (``model/model.bin``...)."""
+        if entry == "sbom.cdx.json":  # the builder makes it: its source is the bundle itself
+            out = self.dir / f"sbom-{version}.cdx.json"
+            if not out.exists():
+                with tarfile.open(self.bundles[version]) as tar:
+                    member = tar.extractfile(f"payload/{entry}")
+                    assert member is not None
+                    out.write_bytes(member.read())
+            return out
         src = self.recipes[version].parent
         return src / ("recipe.toml" if entry == "recipe.toml" else entry.removeprefix("model/"))
 

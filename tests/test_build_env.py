@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import tarfile
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_cli import assert_error, builder, clean_env, new_key, ok
+from helpers_cli import appliance, assert_error, builder, clean_env, new_key, ok
 from hubserver import HubServer
 from localhttp import LocalServer
 from pipenv_helpers import closed_port_url, serve_index
@@ -37,11 +38,15 @@ class Project:
         self.key = new_key(tmp_path / "keys" / "signer.pem")
         self.cache = tmp_path / "cache"
         (self.dir / "model.bin").write_bytes(b"weights" * 100)
-        self.env = clean_env(
-            AIRGAP_APPLIANCE_CACHE=str(self.cache),
-            UV_CACHE_DIR=str(tmp_path / "uv-cache"),
-            SOURCE_DATE_EPOCH=str(EPOCH),
-        )
+        self.env = {  # other tests may have set the hub client's offline switches
+            k: v
+            for k, v in clean_env(
+                AIRGAP_APPLIANCE_CACHE=str(self.cache),
+                UV_CACHE_DIR=str(tmp_path / "uv-cache"),
+                SOURCE_DATE_EPOCH=str(EPOCH),
+            ).items()
+            if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+        }
 
     def recipe(self, environment: str, *, model: str = 'path = "model.bin"') -> Path:
         path = self.dir / "recipe.toml"
@@ -302,3 +307,54 @@ def test_hub_model_is_fetched_at_a_resolved_commit(
     doc = json.loads(payload["sbom.cdx.json"])
     assert any(c.get("purl") == f"pkg:huggingface/acme/tiny@{sha}" for c in doc["components"])
     assert f"from   acme/tiny at commit {sha}" in ok(builder("inspect", out, env=env)).out
+
+
+def test_a_built_bundle_installs_offline_and_status_shows_its_provenance(
+    project: Project, index: str, tmp_path: Path
+) -> None:
+    if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode != 0:
+        pytest.skip("'unshare -n' is not permitted here")
+    root_key = tmp_path / "keys" / "root.pem"
+    new_key(root_key)
+    root_json = tmp_path / "root.json"
+    ok(
+        builder(
+            "root",
+            "create",
+            "--root-key",
+            root_key,
+            "--bundle-key",
+            f"{project.key}.pub",
+            "--threshold",
+            "1",
+            "-o",
+            root_json,
+            env=project.env,
+        )
+    )
+    recipe = project.recipe(pip_environment(index))
+    bundle = tmp_path / "b.tar"
+    ok(project.build(recipe, bundle, "--lock"))
+    host = tmp_path / "host"
+    nonet = {"prefix": ["unshare", "-n"], "env": project.env}
+    ok(appliance(host, "trust", "init", root_json, **nonet))
+    ok(appliance(host, "install", bundle, **nonet))
+    slot = (host / "current").resolve()
+    imported = subprocess.run(
+        [slot / "env" / "bin" / "python", "-c", "import alpha, beta; print(alpha.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert imported.stdout.startswith(str(slot / "env" / "lib"))
+    shown = ok(appliance(host, "status", **nonet)).out
+    assert "  env      pip for manylinux_2_28_x86_64, Python 3.11" in shown
+    assert "  sbom     CycloneDX 1.6: 2 package(s)" in shown
+    assert "           alpha 1.0" in shown
+    info = ok(appliance(host, "status", "--json", **nonet)).json()
+    provenance = info["provenance"]
+    assert provenance["environment"]["installed"] is True
+    assert [p["purl"] for p in provenance["sbom"]["packages"]] == [
+        "pkg:pypi/alpha@1.0",
+        "pkg:pypi/beta@1.0",
+    ]

@@ -3,6 +3,7 @@ the host lock, the audit log, clocks, and all of it with no network at all."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -117,10 +118,14 @@ def test_installed_slot_holds_exact_bytes(tmp_path: Path, world: World, source: 
     manifest = json.loads(manifest_bytes)
     payload = slot / "payload"
     files = sorted(p.relative_to(payload).as_posix() for p in payload.rglob("*") if p.is_file())
-    assert files == [e["path"] for e in manifest["entries"]] == ["model/model.bin", "recipe.toml"]
-    for entry in files:
-        assert (payload / entry).read_bytes() == world.source_file("1.0.0", entry).read_bytes()
-        assert (payload / entry).stat().st_mode & 0o777 == 0o644
+    assert [e["path"] for e in manifest["entries"]] == files
+    assert files == ["model/model.bin", "recipe.toml", "sbom.cdx.json"]
+    for entry in manifest["entries"]:
+        data = (payload / entry["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+        if entry["kind"] != "sbom":  # the builder made the SBOM; the rest are the sources
+            assert data == world.source_file("1.0.0", entry["path"]).read_bytes()
+        assert (payload / entry["path"]).stat().st_mode & 0o777 == 0o644
     assert (slot / "bundle" / "manifest.json").read_bytes() == manifest_bytes
     assert (slot / "bundle" / "signatures.json").read_bytes() == signature_block.rstrip(b" ")
     meta = json.loads((slot / "slot.json").read_bytes())
@@ -141,7 +146,7 @@ def test_verify_writes_nothing_but_the_audit_record(tmp_path: Path, world: World
     before = tree_digest(host)
     lines_before = audit_lines(host)
     out = ok(appliance(host, "verify", world.bundles["2.0.0"])).out
-    assert out.startswith("OK demo 2.0.0: 2 files")
+    assert out.startswith("OK demo 2.0.0: 3 files")
     info = ok(
         appliance(host, "verify", "-", "--json", input=world.bundles["3.0.0"].read_bytes())
     ).json()

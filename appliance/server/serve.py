@@ -9,17 +9,27 @@ A newly installed slot is on trial (docs/operator-guide.md): once its model is l
 confirms it (:meth:`Appliance.confirm`); if it does not load within the grace period, serve
 rolls back to the previous slot (:meth:`Appliance.auto_rollback`) and goes on serving that.
 Outside a trial, a model that does not load leaves the old one serving, and says so in the log.
+
+A slot with a pip environment (docs/adr/0007-package-environments.md) is served by that
+environment's interpreter, so that the backend's packages are the slot's own: at start, serve
+re-executes itself under ``SLOT/env/bin/python``; when ``current`` moves to a slot that needs
+another interpreter, it stops accepting, lets the requests in flight finish (as on SIGTERM),
+and re-executes itself under the new one, which then loads and confirms the new slot.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import Final, NoReturn
 
 from appliance.apikeys import KeyStore
+from appliance.environment import env_python
 from appliance.installer import Appliance
 from appliance.runtime.base import Backend, RuntimeSettings
 from appliance.runtime.loader import load_backend, slot_runtime_settings
@@ -32,6 +42,37 @@ from signing.errors import AirgapError, StateError
 log = logging.getLogger(__name__)
 
 POLL_S: Final = 2.0
+# The interpreter the appliance was started with, kept across re-executions into slot
+# environments (a slot without one is served by it), and a guard against exec loops.
+HOST_PYTHON_ENV: Final = "APPLIANCE_HOST_PYTHON"
+EXEC_COUNT_ENV: Final = "APPLIANCE_SERVE_EXECS"
+MAX_EXECS: Final = 8
+
+
+def interpreter_for(slot: Path) -> Path:
+    """The interpreter that serves ``slot``: its environment's, else the appliance's own."""
+    python = env_python(slot)
+    if python is not None:
+        return python
+    return Path(os.environ.get(HOST_PYTHON_ENV, sys.executable))
+
+
+def runs_under(python: Path) -> bool:
+    """Whether this process is ``python``'s environment (a venv's python is a symlink to the
+    host's, so environments are told apart by their prefix, not by the binary)."""
+    return Path(sys.prefix).resolve() == python.parent.parent.resolve()
+
+
+def reexec(python: Path) -> NoReturn:
+    """Replace this process by ``python -m appliance <the same arguments>``."""
+    count = int(os.environ.get(EXEC_COUNT_ENV, "0")) + 1
+    if count > MAX_EXECS:
+        raise StateError(f"serve re-executed itself {MAX_EXECS} times; slots keep changing")
+    os.environ[EXEC_COUNT_ENV] = str(count)
+    os.environ.setdefault(HOST_PYTHON_ENV, sys.executable)
+    log.info("serving from the slot environment: re-executing under %s", python)
+    logging.shutdown()
+    os.execv(python, [str(python), "-m", "appliance", *sys.argv[1:]])  # noqa: S606
 
 
 class SlotFollower:
@@ -53,6 +94,7 @@ class SlotFollower:
         self._interval_s = interval_s
         self._serving: str | None = None  # the slot whose model the holder has
         self._unconfirmed: str | None = None  # loaded, but the host lock was busy
+        self.restart_into: Path | None = None  # the slot needs another interpreter
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="appliance-follow", daemon=True)
 
@@ -77,6 +119,14 @@ class SlotFollower:
             if self._unconfirmed is not None:
                 self._confirm(self._unconfirmed)
             return False
+        slot = self._appliance.slots.current()
+        if slot is not None and self.restart_into is None:
+            python = interpreter_for(slot.path)
+            if not runs_under(python):
+                log.info("slot %s runs under %s: restarting the server into it", slot.id, python)
+                self.restart_into = python
+                signal.raise_signal(signal.SIGTERM)  # run_server drains, then serve re-execs
+                return False
         try:
             backend = self._load_current()
         except StateError as exc:  # no active slot, or the host lock is busy: next poll
@@ -123,6 +173,12 @@ class SlotFollower:
         self._confirm(slot.id)
         return backend
 
+    def serving_slot(self) -> Path | None:
+        """The directory of the slot whose model is served."""
+        if self._serving is None:
+            return None
+        return self._appliance.paths.slots / self._serving
+
     def _load_slot(self, slot: SlotInfo) -> Backend:
         return self._load(slot_runtime_settings(slot.path, parallel=self._parallel))
 
@@ -159,12 +215,21 @@ def serve(root: Path, settings: ServerSettings) -> None:
         raise StateError(
             f"no API keys in {settings.api_key_file}: create one with 'appliance keys add NAME'"
         )
+    active = Appliance(root).slots.current()
+    if active is not None and not runs_under(python := interpreter_for(active.path)):
+        reexec(python)
     holder = ModelHolder()
     follower = SlotFollower(root, holder, parallel=settings.concurrency)
     follower.load_active()
+    serving = follower.serving_slot()
+    if serving is not None and not runs_under(python := interpreter_for(serving)):
+        holder.close()  # a trial rollback went back to a slot of another environment
+        reexec(python)
     follower.start()
     try:
         run_server(settings, holder)
     finally:
         follower.stop()
         holder.close()
+    if follower.restart_into is not None:
+        reexec(follower.restart_into)
