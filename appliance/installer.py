@@ -18,6 +18,7 @@ import stat
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -547,9 +548,14 @@ class CopyingSink:
 
     Where ``copy_file_range`` is refused (another file system, an old kernel), ``sendfile``
     copies instead, and where that is refused too, plain ``read`` and ``write``; the staged
-    bytes are read back and hashed either way. Finished files are fsynced and closed on a
-    second thread while the next file is copied; directories at the end, deepest first. On
-    any failure nothing more is fsynced: the staging slot is about to be removed.
+    bytes are read back and hashed either way. While one window is read back and hashed, the
+    next window of the same member is already being copied by a worker thread (both release
+    the GIL: the copy runs in the kernel, hashlib hashes large buffers without it), so copying
+    and hashing overlap on two cores; the reader is only ever used by one thread at a time,
+    and the member's last window is joined before its next header is read. Finished files are
+    fsynced and closed on a third thread while the next file is copied; directories at the
+    end, deepest first. On any failure nothing more is fsynced: the staging slot is about to
+    be removed.
     """
 
     def __init__(self, payload_dir: Path, source_fd: int, limits: Limits) -> None:
@@ -558,7 +564,15 @@ class CopyingSink:
         self._window = max(limits.copy_window_bytes, limits.chunk_bytes)
         self._buffer = bytearray(limits.chunk_bytes)
         self._view = memoryview(self._buffer)
+        # The copy's own buffer, for the read/write fallback on the worker thread.
+        self._move_view = memoryview(bytearray(limits.chunk_bytes))
         self._mode = _COPY_FILE_RANGE
+        self._copier = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="staging-copy",
+            initializer=_leave_signals_to_the_main_thread,
+        )
+        self._pending: Future[int] | None = None  # the next window, being copied
         self._fd = -1
         self._copied = 0  # bytes of the current file in place
         self._hashed = 0  # of which read back and handed out
@@ -581,6 +595,8 @@ class CopyingSink:
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         # On failure the staging slot is about to be deleted: skip every fsync still to do.
         self._aborted = exc_type is not None
+        self._join_pending(reraise=exc_type is None)
+        self._copier.shutdown(wait=True)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -602,11 +618,14 @@ class CopyingSink:
     def take(self, tar: TarReader, length: int) -> memoryview:
         self._raise_if_failed()
         if self._hashed == self._copied:
-            window = min(length, self._window)
-            try:
-                tar.transfer(window, self._move)
-            finally:
-                self._copied = os.lseek(self._fd, 0, os.SEEK_CUR)
+            if self._pending is not None:
+                self._join_pending(reraise=True)
+            else:
+                self._copied = self._copy(tar, min(length, self._window))
+            # ``length`` is what is left to hash; of that, what is not copied yet goes next.
+            ahead = length - (self._copied - self._hashed)
+            if ahead > 0:
+                self._pending = self._copier.submit(self._copy, tar, min(ahead, self._window))
         view = self._view[: min(self._copied - self._hashed, len(self._buffer))]
         _read_exactly_at(self._fd, view, self._hashed)
         self._hashed += len(view)
@@ -615,6 +634,23 @@ class CopyingSink:
     def end(self, entry: Entry) -> None:
         self._to_sync.put(self._fd)  # the syncer fsyncs and closes it
         self._fd = -1
+
+    def _copy(self, tar: TarReader, window: int) -> int:
+        """Copy the member's next ``window`` bytes into the staged file (either thread);
+        return how many bytes the staged file now holds."""
+        tar.transfer(window, self._move)
+        return os.lseek(self._fd, 0, os.SEEK_CUR)
+
+    def _join_pending(self, *, reraise: bool) -> None:
+        """Wait for the window being copied; on success it counts as copied."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            self._copied = pending.result()
+        except BaseException:
+            if reraise:
+                raise
 
     def _move(self, count: int) -> int:
         """Copy up to ``count`` bytes from the bundle's position to the staged file's."""
@@ -634,7 +670,7 @@ class CopyingSink:
             # 0 is the end of the bundle, or a file system that copies nothing (some virtual
             # and network ones): a read tells the two apart, and the copy goes on by reading.
             self._mode = _READ_WRITE
-        view = self._view[: min(count, len(self._buffer))]
+        view = self._move_view[: min(count, len(self._move_view))]
         got = os.readv(self._src, [view])
         _write_all(self._fd, view[:got])
         return got

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import NoReturn
@@ -262,7 +263,7 @@ def lock(recipe: Path) -> None:
 
     parsed, _ = load_recipe(recipe)
     path = lock_environment(recipe, parsed)
-    click.echo(f"wrote {path}")
+    click.echo(f"wrote {os.path.normpath(path)}")
 
 
 def _say(message: str) -> None:

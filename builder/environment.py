@@ -103,7 +103,9 @@ def prepare_environment(
     if isinstance(env, PipEnvironment):
         prepared = _prepare_pip(env, lock_path, cache, work, jobs=jobs, progress=progress, say=say)
     else:
-        prepared = _prepare_conda(env, lock_path, cache, work, jobs=jobs, progress=progress)
+        prepared = _prepare_conda(
+            env, lock_path, cache, work, jobs=jobs, progress=progress, say=say
+        )
     prepared.lock_path = lock_path
     prepared.files.append(EnvFile(f"{LOCK_DIR}/{lock_path.name}", lock_path, "lock"))
     prepared.files.sort(key=lambda f: f.entry_path)
@@ -121,6 +123,10 @@ def _prepare_pip(
     say: Say,
 ) -> PreparedEnvironment:
     wheels, sdists = select_pip_artifacts(load_pip_lock(lock_path, env), env)
+    say(
+        f"fetching {len(wheels)} wheel(s) and {len(sdists)} sdist(s) for {env.platform} / "
+        f"Python {env.python}, checked against {lock_path.name}"
+    )
     fetched = fetch_all([*wheels, *sdists], cache, jobs=jobs, progress=progress)
     built: list[tuple[Artifact, Path]] = []
     to_build: list[tuple[Artifact, Path]] = []
@@ -164,9 +170,14 @@ def _prepare_conda(
     *,
     jobs: int,
     progress: bool | None,
+    say: Say,
 ) -> PreparedEnvironment:
     artifacts = sorted(
         load_conda_artifacts(lock_path, env), key=lambda a: (a.subdir or "", a.filename)
+    )
+    say(
+        f"fetching {len(artifacts)} conda package(s) for {env.platform}, checked against "
+        f"{lock_path.name}"
     )
     fetched = fetch_all(artifacts, cache, jobs=jobs, progress=progress)
     install_list = work / "conda-explicit.txt"

@@ -127,13 +127,18 @@ def ok(result: Result) -> Result:
 
 
 def assert_error(result: Result, code: int, *fragments: str) -> str:
-    """Exit ``code``, exactly one ``error:`` line on stderr naming every fragment, no traceback."""
+    """Exit ``code``, exactly one ``error:`` line on stderr naming every fragment, no traceback.
+
+    The error is the last line; progress notes before it (the builder says what it fetches)
+    are allowed, other ``error:`` lines are not.
+    """
     assert result.rc == code, result.describe()
     assert "Traceback" not in result.err, result.describe()
     lines = result.err.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr\n{result.describe()}"
-    line = lines[0]
-    assert line.startswith("error: "), result.describe()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, f"expected one error line on stderr\n{result.describe()}"
+    line = lines[-1]
+    assert line == errors[0], result.describe()
     for fragment in fragments:
         assert fragment in line, f"{fragment!r} not in {line!r}"
     return line

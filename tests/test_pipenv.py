@@ -636,15 +636,19 @@ def test_pip_install_list_is_sorted_and_deterministic() -> None:
 
 
 @pytest.mark.online
-@pytest.mark.skipif(
-    os.environ.get("AIRGAP_TEST_ONLINE") != "1", reason="online: set AIRGAP_TEST_ONLINE=1"
-)
-def test_lock_a_small_set_from_pypi(recipe: Path, uv_cache: Path) -> None:
-    env = pip_env(requirements=["six==1.16.0"])
+def test_lock_and_fetch_a_small_set_from_pypi(recipe: Path, uv_cache: Path, tmp_path: Path) -> None:
+    """The real registry: lock for the target, fetch by hash, install offline from the files."""
+    from builder.fetch import Cache, fetch_all
+
+    env = pip_env(requirements=["six==1.16.0", "typing-extensions==4.16.0"])
     lock = lock_pip(recipe, env, cache_dir=uv_cache)
     wheels, sdists = select_pip_artifacts(load_pip_lock(lock, env), env)
-    assert [(w.name, w.version, w.filename) for w in wheels] == [
-        ("six", "1.16.0", "six-1.16.0-py2.py3-none-any.whl")
+    assert [(w.name, w.version) for w in wheels] == [
+        ("six", "1.16.0"),
+        ("typing-extensions", "4.16.0"),
     ]
-    assert wheels[0].url.startswith("https://files.pythonhosted.org/")
+    assert all(w.url.startswith("https://files.pythonhosted.org/") for w in wheels)
     assert sdists == []
+    fetched = fetch_all(wheels, Cache(tmp_path / "cache"), jobs=2)
+    for wheel in wheels:
+        assert hashlib.sha256(fetched[wheel.sha256].read_bytes()).hexdigest() == wheel.sha256
