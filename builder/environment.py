@@ -151,14 +151,7 @@ def _prepare_pip(
     install_list.write_bytes(pip_install_list(artifacts))
     files = [EnvFile(f"{WHEELS_DIR}/{a.filename}", paths[a.sha256], "package") for a in artifacts]
     files.append(EnvFile(PIP_INSTALL_LIST, install_list, "lock"))
-    spec = EnvironmentSpec(
-        type="pip",
-        platform=env.platform,
-        python=env.python,
-        install_list=PIP_INSTALL_LIST,
-        packages=WHEELS_DIR,
-        smoke_imports=tuple(env.smoke_imports),
-    )
+    spec = _spec(env, "pip", install_list=PIP_INSTALL_LIST, packages=WHEELS_DIR)
     return PreparedEnvironment(spec=spec, files=files, artifacts=artifacts)
 
 
@@ -187,15 +180,22 @@ def _prepare_conda(
         for a in artifacts
     ]
     files.append(EnvFile(CONDA_INSTALL_LIST, install_list, "lock"))
-    spec = EnvironmentSpec(
-        type="conda",
+    spec = _spec(env, "conda", install_list=CONDA_INSTALL_LIST, packages=CONDA_DIR)
+    return PreparedEnvironment(spec=spec, files=files, artifacts=artifacts)
+
+
+def _spec(
+    env: PipEnvironment | CondaEnvironment, kind: str, *, install_list: str, packages: str
+) -> EnvironmentSpec:
+    """What the signed manifest says about the environment (docs/bundle-format.md)."""
+    return EnvironmentSpec(
+        type=kind,
         platform=env.platform,
         python=env.python,
-        install_list=CONDA_INSTALL_LIST,
-        packages=CONDA_DIR,
+        install_list=install_list,
+        packages=packages,
         smoke_imports=tuple(env.smoke_imports),
     )
-    return PreparedEnvironment(spec=spec, files=files, artifacts=artifacts)
 
 
 # -- the cache of builder-built wheels ---------------------------------------------------------

@@ -67,7 +67,22 @@ _MODULE = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 _PYTHON = r"^3\.[0-9]{1,2}$"
 
 
-class PipEnvironment(_Section):
+class _Environment(_Section):
+    """What both kinds of environment have: the lock file and the modules to smoke-import."""
+
+    lock: str | None = None
+    smoke_imports: list[str] = Field(default_factory=list)
+
+    @field_validator("smoke_imports")
+    @classmethod
+    def _modules(cls, value: list[str]) -> list[str]:
+        for module in value:
+            if not re.fullmatch(_MODULE, module):
+                raise ValueError(f"{module!r} is not a module name")
+        return value
+
+
+class PipEnvironment(_Environment):
     """A pip environment for the target host, installed offline into a venv in the slot."""
 
     type: Literal["pip"]
@@ -75,19 +90,12 @@ class PipEnvironment(_Section):
     python: str = Field(pattern=_PYTHON)
     requirements: list[str] = Field(default_factory=list)
     requirements_file: str | None = None
-    lock: str | None = None
     index_url: str = "https://pypi.org/simple"
     extra_index_urls: list[str] = Field(default_factory=list)
     find_links: list[str] = Field(default_factory=list)
     build_from_source: list[str] = Field(default_factory=list)
     build_env: dict[str, str] = Field(default_factory=dict)
     build_isolation: bool = False
-    smoke_imports: list[str] = Field(default_factory=list)
-
-    @field_validator("smoke_imports")
-    @classmethod
-    def _modules(cls, value: list[str]) -> list[str]:
-        return _check_modules(value)
 
     @model_validator(mode="after")
     def _inputs(self) -> PipEnvironment:
@@ -106,7 +114,7 @@ class PipEnvironment(_Section):
         return recipe_path.with_name(f"pylock.{name}.toml")
 
 
-class CondaEnvironment(_Section):
+class CondaEnvironment(_Environment):
     """A conda environment for the target host, installed offline into a prefix in the slot."""
 
     type: Literal["conda"]
@@ -114,15 +122,8 @@ class CondaEnvironment(_Section):
     python: str = Field(pattern=_PYTHON)
     channels: list[str] = Field(default_factory=list)
     specs: list[str] = Field(default_factory=list)
-    lock: str | None = None
     glibc: str = Field(default="2.28", pattern=r"^[0-9]+\.[0-9]+$")
     cuda: str | None = Field(default=None, pattern=r"^[0-9]+\.[0-9]+$")
-    smoke_imports: list[str] = Field(default_factory=list)
-
-    @field_validator("smoke_imports")
-    @classmethod
-    def _modules(cls, value: list[str]) -> list[str]:
-        return _check_modules(value)
 
     @model_validator(mode="after")
     def _inputs(self) -> CondaEnvironment:
@@ -135,13 +136,6 @@ class CondaEnvironment(_Section):
         if self.lock is not None:
             return recipe_path.parent / self.lock
         return recipe_path.with_name(f"{recipe_path.stem}.conda-lock.yml")
-
-
-def _check_modules(value: list[str]) -> list[str]:
-    for module in value:
-        if not re.fullmatch(_MODULE, module):
-            raise ValueError(f"{module!r} is not a module name")
-    return value
 
 
 class RuntimeSection(_Section):
