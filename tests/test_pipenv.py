@@ -21,6 +21,7 @@ import pytest
 from localhttp import LocalServer
 from pipenv_helpers import closed_port_url, make_flag_sdist, pip_env, serve_index
 from pkgfactory import make_sdist, make_wheel
+from uv import find_uv_bin
 
 from builder.artifacts import Artifact
 from builder.pipenv import (
@@ -265,7 +266,7 @@ def uv_requirements_lock(recipe: Path, index: str, cache: Path, *requirements: s
     out = recipe.parent / "requirements.txt"
     subprocess.run(
         [
-            shutil.which("uv") or "uv",
+            find_uv_bin(),
             "pip",
             "compile",
             str(source),

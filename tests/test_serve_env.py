@@ -63,8 +63,12 @@ def env_bundle(host: Host, name: str, model: bytes, marker: str | None) -> bytes
     return host.sim.bundle_bytes(manifest, payload)
 
 
-def cmdline(pid: int) -> list[str]:
-    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+def cmdline(server: subprocess.Popen[str]) -> list[str]:
+    if server.poll() is not None:
+        log = server.stderr.read() if server.stderr else ""
+        pytest.fail(f"serve exited with status {server.returncode}:\n{log}")
+    # Empty for an instant while the process is in execve: the callers' waits try again.
+    return Path(f"/proc/{server.pid}/cmdline").read_bytes().decode().split("\0")[:-1] or [""]
 
 
 def get(url: str, key: str) -> dict[str, object]:
@@ -102,13 +106,16 @@ def test_serve_runs_under_the_slot_environment_and_follows_it(tmp_path: Path, ho
     )
     try:
         wait(lambda: get(f"{url}/v1/models", key)["data"], what="the server to start")
-        assert cmdline(server.pid)[0] == f"{first.path}/env/bin/python"
+        assert cmdline(server)[0] == f"{first.path}/env/bin/python"
         # The slot's own package is importable by the serving interpreter, the host lacks it.
-        assert subprocess.run([sys.executable, "-c", "import slotmark"], check=False).returncode
+        host_has_it = subprocess.run(
+            [sys.executable, "-c", "import slotmark"], capture_output=True, check=False
+        )
+        assert host_has_it.returncode != 0
         # Switch to a slot with another environment: serve drains and re-executes into it.
         second = host.install(env_bundle(host, "other", model, "two"), InstallOptions())
         wait(
-            lambda: cmdline(server.pid)[0] == f"{second.path}/env/bin/python",
+            lambda: cmdline(server)[0] == f"{second.path}/env/bin/python",
             what="serve to re-execute under the new slot's interpreter",
         )
         wait(
@@ -119,7 +126,7 @@ def test_serve_runs_under_the_slot_environment_and_follows_it(tmp_path: Path, ho
         # A slot without an environment is served by the appliance's own interpreter again.
         host.install(env_bundle(host, "third", model, None), InstallOptions())
         wait(
-            lambda: cmdline(server.pid)[0] == sys.executable,
+            lambda: cmdline(server)[0] == sys.executable,
             what="serve to go back to the appliance's interpreter",
         )
         wait(
