@@ -108,13 +108,14 @@ class Appliance:
                 verified = verify_head(head, root=root, now=clock.now)
                 record.update(_bundle_fields(verified))
                 _start(progress, verified)
-                stream_payload(
-                    tar,
-                    verified.manifest,
-                    DiscardSink(self.limits.chunk_bytes),
-                    limits=self.limits,
-                    progress=progress.advance if progress else None,
-                )
+                with _verify_sink(stream, self.limits) as sink:
+                    stream_payload(
+                        tar,
+                        verified.manifest,
+                        sink,
+                        limits=self.limits,
+                        progress=progress.advance if progress else None,
+                    )
             return verified
 
     # -- install --------------------------------------------------------------------------
@@ -689,6 +690,75 @@ class CopyingSink:
                 self._error = self._error or exc
             finally:
                 os.close(fd)
+
+
+class ReadAheadSink:
+    """Verify (V6 to V9) of a bundle that is a regular file: read the next piece while this
+    one is hashed.
+
+    ``take`` hands back a member's pieces (``READ_AHEAD_BYTES`` each) read by the strict reader;
+    while the caller hashes one, a worker thread already reads the next piece of the same member
+    into the other of two buffers (``readinto`` and hashlib both release the GIL). The reader is
+    used by one thread at a time: the member's last piece is never read ahead, so the next
+    header is read after the worker is done. Saves the read's copy from the page cache (about
+    0.1 s per GiB) on the wall clock; nothing is written.
+    """
+
+    def __init__(self, piece_bytes: int) -> None:
+        self._piece = piece_bytes
+        self._buffers = (bytearray(piece_bytes), bytearray(piece_bytes))
+        self._turn = 0
+        self._pending: Future[memoryview] | None = None
+        self._reader = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="verify-read",
+            initializer=_leave_signals_to_the_main_thread,
+        )
+
+    def __enter__(self) -> ReadAheadSink:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.exception()  # wait for it; a failure is already being raised, or moot
+        self._reader.shutdown(wait=True)
+
+    def begin(self, entry: Entry) -> None:
+        pass
+
+    def take(self, tar: TarReader, length: int) -> memoryview:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            view = pending.result()
+        else:
+            view = self._read(tar, min(length, self._piece))
+        ahead = length - len(view)
+        if ahead > 0:
+            self._pending = self._reader.submit(self._read, tar, min(ahead, self._piece))
+        return view
+
+    def end(self, entry: Entry) -> None:
+        pass
+
+    def _read(self, tar: TarReader, length: int) -> memoryview:
+        view = memoryview(self._buffers[self._turn])[:length]
+        self._turn ^= 1
+        tar.read_into(view)
+        return view
+
+
+READ_AHEAD_BYTES: Final = 1 << 20
+
+
+@contextmanager
+def _verify_sink(stream: io.FileIO, limits: Limits) -> Iterator[DiscardSink | ReadAheadSink]:
+    """Read-ahead for a bundle file; the plain one-thread pass for a pipe."""
+    if limits.copy_window_bytes > 0 and stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+        with ReadAheadSink(READ_AHEAD_BYTES) as sink:
+            yield sink
+    else:
+        yield DiscardSink(limits.chunk_bytes)
 
 
 def _payload_sink(

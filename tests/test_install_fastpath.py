@@ -412,3 +412,40 @@ def test_transfer_refuses_to_go_past_the_member(reader: tuple[TarReader, io.Byte
         tar.transfer(header.size + 1, lambda count: count)
     with pytest.raises(RuntimeError, match="asked for at most"):
         tar.transfer(10, lambda count: count + 1)
+
+
+# -- verify of a bundle file: read-ahead ---------------------------------------------------------
+
+
+def verify_refusal(host: Host, data: bytes, *, source: str) -> str:
+    app = Appliance(host.root)
+    with pytest.raises((FormatError, PayloadError)) as info:
+        if source == "pipe":
+            from_pipe(data, lambda: app.verify("-"))
+        else:
+            app.verify(str(host.write(data)))
+    return f"{type(info.value).__name__}: {info.value}"
+
+
+@pytest.mark.parametrize("piece", [1000, 3000, installer.READ_AHEAD_BYTES])
+def test_verify_reads_ahead_from_a_file_and_refuses_as_the_pipe_does(
+    host: Host, bundle: bytes, monkeypatch: pytest.MonkeyPatch, piece: int
+) -> None:
+    used: list[str] = []
+    real = installer._verify_sink
+
+    def recording(stream: io.FileIO, limits: Limits) -> Any:
+        manager = real(stream, limits)
+        sink = manager.__enter__()
+        used.append(type(sink).__name__)
+        manager.__exit__(None, None, None)
+        return real(stream, limits)
+
+    monkeypatch.setattr(installer, "READ_AHEAD_BYTES", piece)
+    monkeypatch.setattr(installer, "_verify_sink", recording)
+    verified = Appliance(host.root).verify(str(host.write(bundle)))
+    assert verified.manifest.name == "demo"
+    for name, data in _cases(bundle).items():
+        streamed = verify_refusal(host, data, source="pipe")
+        assert verify_refusal(host, data, source="file") == streamed, name
+    assert set(used) == {"ReadAheadSink", "DiscardSink"}
