@@ -443,6 +443,79 @@ def _rattler_create(slot: Path, packages: Path, listed: Sequence[_CondaPackage])
     import rattler  # noqa: PLC0415 - heavy, only for conda environments
 
     channel = packages.resolve().as_uri() + "/"
+    records = _records_from_repodata(rattler, packages, channel, listed)
+    if records is None:
+        records = _records_from_packages(rattler, packages, channel, listed)
+    target = slot / ENV_DIR
+    final = _final_path(slot) / ENV_DIR
+    try:
+        _await(
+            rattler.install(
+                records,
+                target,
+                cache_dir=slot / _CACHE_DIR,
+                execute_link_scripts=False,
+                show_progress=False,
+                # Text files get the prefix the env will have once the slot is committed.
+                alternative_target_prefix=final if final != target else None,
+            )
+        )
+    except Exception as exc:  # noqa: BLE001 - py-rattler's exceptions derive from Exception
+        raise EnvironmentSetupError(_one_line(f"cannot install conda packages: {exc}")) from None
+
+
+def _records_from_repodata(
+    rattler: Any, packages: Path, channel: str, listed: Sequence[_CondaPackage]
+) -> list[Any] | None:
+    """The listed packages' records from the ``repodata.json`` the builder shipped for each of
+    their subdirs (verified payload files); None when a subdir has none (an older builder).
+
+    Every listed package must have a record, and the record's sha256 must be the one the
+    install list (and so the signed manifest) pins: the records are data, not trusted code.
+    """
+    subdirs = sorted({p.subdir for p in listed})
+    if not all((packages / subdir / "repodata.json").is_file() for subdir in subdirs):
+        return None
+    source = rattler.Channel(channel)
+    by_file: dict[str, Any] = {}
+    for subdir in subdirs:
+        try:
+            repodata = rattler.RepoData.from_path(packages / subdir / "repodata.json")
+            for record in repodata.into_repo_data(source):
+                by_file[f"{subdir}/{record.file_name}"] = record
+        except Exception as exc:  # noqa: BLE001 - py-rattler's exceptions derive from Exception
+            raise EnvironmentSetupError(
+                _one_line(f"the bundle's {subdir}/repodata.json cannot be read: {exc}")
+            ) from None
+    records = []
+    names: dict[str, str] = {}
+    for package in listed:
+        record = by_file.get(package.relpath)
+        if record is None:
+            raise EnvironmentSetupError(
+                f"package {package.filename} is missing from the bundle's "
+                f"{package.subdir}/repodata.json"
+            )
+        digest = record.sha256.hex() if record.sha256 is not None else None
+        if digest != package.sha256:
+            raise EnvironmentSetupError(
+                f"package {package.filename}: repodata sha256 {digest} is not the signed "
+                f"{package.sha256}"
+            )
+        name = record.name.normalized
+        if name in names:
+            raise EnvironmentSetupError(
+                f"install list names package {name} twice: {names[name]} and {package.filename}"
+            )
+        names[name] = package.filename
+        records.append(record)
+    return records
+
+
+def _records_from_packages(
+    rattler: Any, packages: Path, channel: str, listed: Sequence[_CondaPackage]
+) -> list[Any]:
+    """The listed packages' records from their own ``info/index.json``."""
     records = []
     names: dict[str, str] = {}
     for package in listed:
@@ -461,22 +534,7 @@ def _rattler_create(slot: Path, packages: Path, listed: Sequence[_CondaPackage])
             )
         names[name] = package.filename
         records.append(rattler.RepoDataRecord(record, package.filename, path.as_uri(), channel))
-    target = slot / ENV_DIR
-    final = _final_path(slot) / ENV_DIR
-    try:
-        _await(
-            rattler.install(
-                records,
-                target,
-                cache_dir=slot / _CACHE_DIR,
-                execute_link_scripts=False,
-                show_progress=False,
-                # Text files get the prefix the env will have once the slot is committed.
-                alternative_target_prefix=final if final != target else None,
-            )
-        )
-    except Exception as exc:  # noqa: BLE001 - py-rattler's exceptions derive from Exception
-        raise EnvironmentSetupError(_one_line(f"cannot install conda packages: {exc}")) from None
+    return records
 
 
 def _record(rattler: Any, index: Any, package: _CondaPackage, path: Path) -> Any:

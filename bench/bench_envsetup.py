@@ -293,8 +293,10 @@ def conda_group(work: Path, packages: list[Path], log: Path) -> dict[str, Side]:
         install_list="env/conda-explicit.txt",
         packages="env/conda",
     )
-    manifest = manifest_for(payload, spec)
     channel = make_conda_channel(work / "conda-channel", packages)
+    # The builder ships the channel's repodata in the bundle (builder.environment).
+    payload["env/conda/noarch/repodata.json"] = channel / "noarch" / "repodata.json"
+    manifest = manifest_for(payload, spec)
     run = work / "conda-run"
 
     def fresh(name: str) -> Path:

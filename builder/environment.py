@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,8 +181,43 @@ def _prepare_conda(
         for a in artifacts
     ]
     files.append(EnvFile(CONDA_INSTALL_LIST, install_list, "lock"))
+    files += _channel_index(artifacts, fetched, work / "channel")
     spec = _spec(env, "conda", install_list=CONDA_INSTALL_LIST, packages=CONDA_DIR)
     return PreparedEnvironment(spec=spec, files=files, artifacts=artifacts)
+
+
+def _channel_index(
+    artifacts: list[Artifact], fetched: dict[str, Path], channel: Path
+) -> list[EnvFile]:
+    """``repodata.json`` of the bundle's own channel, one per subdir that has packages.
+
+    Made here, online, by ``rattler.index.index_fs``, so that the host gets the records ready
+    and installs with plain ``rattler.install`` instead of reading every package's
+    ``info/index.json`` first. The time of indexing is removed from the records (the bundle
+    must not depend on when it was built); the keys are sorted. The host still checks every
+    record's sha256 against the one the signed manifest pins for that file.
+    """
+    import asyncio  # noqa: PLC0415 - only conda builds index a channel
+
+    import rattler.index  # noqa: PLC0415
+
+    subdirs = sorted({a.subdir or "noarch" for a in artifacts})
+    for artifact in artifacts:
+        target = channel / (artifact.subdir or "noarch") / artifact.filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(fetched[artifact.sha256], target)
+    (channel / "noarch").mkdir(parents=True, exist_ok=True)
+    asyncio.run(rattler.index.index_fs(channel, write_zst=False, write_shards=False))
+    files = []
+    for subdir in subdirs:
+        path = channel / subdir / "repodata.json"
+        repodata = json.loads(path.read_bytes())
+        for table in ("packages", "packages.conda"):
+            for record in repodata.get(table, {}).values():
+                record.pop("indexed_timestamp", None)
+        path.write_text(json.dumps(repodata, sort_keys=True, separators=(",", ":")) + "\n")
+        files.append(EnvFile(f"{CONDA_DIR}/{subdir}/repodata.json", path, "lock"))
+    return files
 
 
 def _spec(

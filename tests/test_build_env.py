@@ -273,6 +273,9 @@ def test_conda_environment_is_locked_and_carried(
     payload = members(out)
     assert payload["env/conda/linux-64/libdemo-1.0-h0_0.tar.bz2"] == lib.read_bytes()
     assert payload["env/conda/noarch/demotool-2.0-0.tar.bz2"] == tool.read_bytes()
+    repodata = json.loads(payload["env/conda/noarch/repodata.json"])
+    assert set(repodata["packages"]) == {"demotool-2.0-0.tar.bz2"}
+    assert "indexed_timestamp" not in payload["env/conda/linux-64/repodata.json"].decode()
     explicit = payload["env/conda-explicit.txt"].decode()
     assert "@EXPLICIT" in explicit
     assert (
@@ -281,6 +284,15 @@ def test_conda_environment_is_locked_and_carried(
     )
     shown = ok(builder("inspect", out, env=project.env)).out
     assert "env      conda for linux-64, Python 3.11: 2 package(s)" in shown
+    again = tmp_path / "b2.tar"
+    ok(project.build(recipe, again))
+    assert again.read_bytes() == out.read_bytes()  # the shipped repodata is deterministic too
+
+    host, nonet = trusted_host(project, tmp_path)
+    ok(appliance(host, "install", out, **nonet))
+    env = (host / "current").resolve() / "env"
+    assert (env / "share" / "libdemo" / "VERSION").read_text() == "1.0\n"
+    assert (env / "share" / "demotool" / "VERSION").read_text() == "2.0\n"
 
 
 def test_hub_model_is_fetched_at_a_resolved_commit(
@@ -312,32 +324,10 @@ def test_hub_model_is_fetched_at_a_resolved_commit(
 def test_a_built_bundle_installs_offline_and_status_shows_its_provenance(
     project: Project, index: str, tmp_path: Path
 ) -> None:
-    if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode != 0:
-        pytest.skip("'unshare -n' is not permitted here")
-    root_key = tmp_path / "keys" / "root.pem"
-    new_key(root_key)
-    root_json = tmp_path / "root.json"
-    ok(
-        builder(
-            "root",
-            "create",
-            "--root-key",
-            root_key,
-            "--bundle-key",
-            f"{project.key}.pub",
-            "--threshold",
-            "1",
-            "-o",
-            root_json,
-            env=project.env,
-        )
-    )
+    host, nonet = trusted_host(project, tmp_path)
     recipe = project.recipe(pip_environment(index))
     bundle = tmp_path / "b.tar"
     ok(project.build(recipe, bundle, "--lock"))
-    host = tmp_path / "host"
-    nonet = {"prefix": ["unshare", "-n"], "env": project.env}
-    ok(appliance(host, "trust", "init", root_json, **nonet))
     ok(appliance(host, "install", bundle, **nonet))
     slot = (host / "current").resolve()
     imported = subprocess.run(
@@ -358,3 +348,32 @@ def test_a_built_bundle_installs_offline_and_status_shows_its_provenance(
         "pkg:pypi/alpha@1.0",
         "pkg:pypi/beta@1.0",
     ]
+
+
+def trusted_host(project: Project, tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    """A host that trusts a 1-of-1 root over the project's key, and how to run commands on it
+    with no network (``unshare -n``)."""
+    if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode != 0:
+        pytest.skip("'unshare -n' is not permitted here")
+    root_key = tmp_path / "keys" / "root.pem"
+    new_key(root_key)
+    root_json = tmp_path / "root.json"
+    ok(
+        builder(
+            "root",
+            "create",
+            "--root-key",
+            root_key,
+            "--bundle-key",
+            f"{project.key}.pub",
+            "--threshold",
+            "1",
+            "-o",
+            root_json,
+            env=project.env,
+        )
+    )
+    host = tmp_path / "host"
+    nonet: dict[str, Any] = {"prefix": ["unshare", "-n"], "env": project.env}
+    ok(appliance(host, "trust", "init", root_json, **nonet))
+    return host, nonet

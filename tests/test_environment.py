@@ -10,14 +10,16 @@ and the host is left exactly as it was. See docs/adr/0007-package-environments.m
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers_cli import appliance, assert_error, clean_env, ok
-from pkgfactory import make_conda_package, make_wheel
+from pkgfactory import make_conda_channel, make_conda_package, make_wheel
 from simulator import DEFAULT_FILES, BundleSimulator, Host
 
 from appliance.environment import PTH_NAME, env_python
@@ -74,10 +76,14 @@ def conda_bundle(
     listed: Sequence[str] = (),
     wrong_sha: str | None = None,
     smoke: Sequence[str] = (),
+    repodata: bytes | None = None,
 ) -> bytes:
     """A signed bundle with a conda environment over ``packages`` (noarch), each listed with
-    its sha256 (``wrong_sha``: that file's line pins another hash), plus ``listed`` lines."""
+    its sha256 (``wrong_sha``: that file's line pins another hash), plus ``listed`` lines;
+    with ``repodata``, the channel's ``noarch/repodata.json`` as the builder ships it."""
     files = dict(DEFAULT_FILES)
+    if repodata is not None:
+        files["env/conda/noarch/repodata.json"] = repodata
     lines = ["@EXPLICIT"]
     for package in packages:
         data = package.read_bytes()
@@ -313,6 +319,44 @@ def test_conda_smoke_import_sees_only_the_env(host: Host, conda_packages: dict[s
     message = assert_refused(host, bundle)
     assert (
         message == "smoke import of 'pydemo' failed: ModuleNotFoundError: No module named 'pydemo'"
+    )
+
+
+def _repodata(tmp_path: Path, packages: Sequence[Path]) -> dict[str, Any]:
+    channel = make_conda_channel(tmp_path / "channel", packages)
+    data: dict[str, Any] = json.loads((channel / "noarch" / "repodata.json").read_bytes())
+    return data
+
+
+def test_conda_records_come_from_the_shipped_repodata(
+    host: Host, conda_packages: dict[str, Path], tmp_path: Path
+) -> None:
+    chosen = [conda_packages["libdemo"], conda_packages["pydemo"]]
+    repodata = _repodata(tmp_path, chosen)
+    slot = host.install(
+        conda_bundle(host.sim, chosen, smoke=["pydemo"], repodata=json.dumps(repodata).encode())
+    )
+    assert (slot.path / "env" / "lib" / "libdemo.txt").read_bytes() == b"demo library\n"
+    # The records are data: one whose sha256 is not the signed one is refused, which also
+    # shows that this path, not the packages' own index.json, made the records.
+    record = repodata["packages"]["pydemo-0.5-0.tar.bz2"]
+    record["sha256"] = "ab" * 32
+    bundle = conda_bundle(host.sim, chosen, version="2.0.0", repodata=json.dumps(repodata).encode())
+    message = assert_refused(host, bundle)
+    assert message == (
+        f"package pydemo-0.5-0.tar.bz2: repodata sha256 {'ab' * 32} is not the signed "
+        f"{hashlib.sha256(conda_packages['pydemo'].read_bytes()).hexdigest()}"
+    )
+
+
+def test_a_package_missing_from_the_shipped_repodata_is_named(
+    host: Host, conda_packages: dict[str, Path], tmp_path: Path
+) -> None:
+    repodata = _repodata(tmp_path, [conda_packages["libdemo"]])
+    chosen = [conda_packages["libdemo"], conda_packages["pydemo"]]
+    bundle = conda_bundle(host.sim, chosen, version="2.0.0", repodata=json.dumps(repodata).encode())
+    assert assert_refused(host, bundle) == (
+        "package pydemo-0.5-0.tar.bz2 is missing from the bundle's noarch/repodata.json"
     )
 
 
