@@ -12,9 +12,7 @@ from typing import Any
 from appliance.slots import BUNDLE_DIR, PAYLOAD_DIR
 from signing.errors import FormatError
 from signing.manifest import BundleManifest
-from signing.provenance import summarize_sbom
-
-SBOM_ENTRY = "sbom.cdx.json"
+from signing.provenance import SBOM_ENTRY, summarize_sbom
 
 
 def slot_provenance(slot: Path) -> dict[str, Any]:

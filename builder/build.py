@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
 from builder.environment import prepare_environment, resolve_model
-from builder.pack import DEFAULT_SIGNATURE_SPACE, hash_file, sign_manifest, write_bundle
+from builder.pack import (
+    DEFAULT_SIGNATURE_SPACE,
+    PayloadFile,
+    hash_file,
+    sign_manifest,
+    write_bundle,
+)
 from builder.recipe import load_recipe
-from builder.sbom import SBOM_ENTRY, FileRecord, make_sbom
+from builder.sbom import FileRecord, make_sbom
 from signing.errors import InputError
 from signing.keys import SigningKey
 from signing.manifest import BundleManifest, Entry, check_relative_path
+from signing.provenance import SBOM_ENTRY
 
 RECIPE_ENTRY = "recipe.toml"
 MODEL_DIR = "model"
@@ -50,13 +56,6 @@ class _NoBar:
         pass
 
 
-@dataclass(frozen=True)
-class PayloadFile:
-    entry_path: str
-    source: Path
-    kind: str
-
-
 def build_time() -> datetime:
     """SOURCE_DATE_EPOCH if set, else now; always whole seconds, UTC."""
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
@@ -68,8 +67,14 @@ def build_time() -> datetime:
         raise InputError(f"SOURCE_DATE_EPOCH={epoch!r} is not a Unix time") from None
 
 
-def collect_payload(recipe_path: Path, model_src: Path) -> tuple[list[PayloadFile], str]:
-    """The recipe and model files a recipe puts in the bundle, and where the model lives."""
+def collect_payload(
+    recipe_path: Path, model_src: Path, digests: Mapping[str, str] | None = None
+) -> tuple[list[PayloadFile], str]:
+    """The recipe and model files a recipe puts in the bundle, and where the model lives.
+
+    ``digests`` are the sha256 of model files (relative to a model directory) known already.
+    """
+    known = digests or {}
     files = [PayloadFile(RECIPE_ENTRY, recipe_path, "recipe")]
     if model_src.is_symlink():
         raise InputError(f"model path {model_src} is a symbolic link; give the real path")
@@ -83,7 +88,7 @@ def collect_payload(recipe_path: Path, model_src: Path) -> tuple[list[PayloadFil
             if path.is_symlink():
                 raise InputError(f"model directory holds a symbolic link: {path}")
             if path.is_file():
-                files.append(PayloadFile(f"{MODEL_DIR}/{rel}", path, "model"))
+                files.append(PayloadFile(f"{MODEL_DIR}/{rel}", path, "model", known.get(rel)))
             elif not path.is_dir():
                 raise InputError(f"model directory holds a special file: {path}")
     else:
@@ -106,13 +111,13 @@ def build_bundle(
     recipe, _ = load_recipe(recipe_path)
     created = build_time()
     model = resolve_model(recipe_path, recipe, say=say)
-    files, model_path = collect_payload(recipe_path, model.source_path)
+    files, model_path = collect_payload(recipe_path, model.source_path, model.digests)
     with tempfile.TemporaryDirectory(prefix="appliance-build-") as tmp:
         work = Path(tmp)
         env = prepare_environment(recipe_path, recipe, work=work, lock=lock, jobs=jobs, say=say)
         if env is not None:
-            files += [PayloadFile(f.entry_path, f.source, f.kind) for f in env.files]
-        records = {f.entry_path: FileRecord(f.entry_path, *hash_file(f.source)) for f in files}
+            files += env.files
+        records = {f.entry_path: _record(f) for f in files}
         sbom = work / SBOM_ENTRY
         sbom.write_bytes(
             make_sbom(
@@ -127,8 +132,9 @@ def build_bundle(
                 locks=[records[f.entry_path] for f in files if f.kind == "lock"],
             )
         )
-        files.append(PayloadFile(SBOM_ENTRY, sbom, "sbom"))
-        records[SBOM_ENTRY] = FileRecord(SBOM_ENTRY, *hash_file(sbom))
+        sbom_file = PayloadFile(SBOM_ENTRY, sbom, "sbom")
+        files.append(sbom_file)
+        records[SBOM_ENTRY] = _record(sbom_file)
         files.sort(key=lambda f: f.entry_path)
         for f in files:
             check_relative_path(f.entry_path, what="payload file")
@@ -159,6 +165,16 @@ def build_bundle(
                 progress=bar.advance,
             )
     return manifest
+
+
+def _record(f: PayloadFile) -> FileRecord:
+    """Size and sha256 of a payload file: read and hashed, unless its hash is known already."""
+    if f.sha256 is None:
+        return FileRecord(f.entry_path, *hash_file(f.source))
+    try:
+        return FileRecord(f.entry_path, f.source.stat().st_size, f.sha256)
+    except OSError as exc:
+        raise InputError(f"cannot read {f.source}: {exc.strerror}") from None
 
 
 def _under(path: str, directory: str) -> bool:

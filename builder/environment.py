@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from builder.artifacts import Artifact
 from builder.condaenv import conda_install_list, load_conda_artifacts, lock_conda
 from builder.fetch import Cache, fetch_all
 from builder.hub import fetch_hub_model
+from builder.pack import PayloadFile
 from builder.pipenv import (
     build_wheels,
     load_pip_lock,
@@ -49,20 +50,10 @@ CONDA_INSTALL_LIST = f"{ENV_DIR}/conda-explicit.txt"
 Say = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class EnvFile:
-    """A file the environment adds to the payload: its path in the bundle, where it lies on
-    the builder, and its entry kind."""
-
-    entry_path: str
-    source: Path
-    kind: str
-
-
 @dataclass
 class PreparedEnvironment:
     spec: EnvironmentSpec
-    files: list[EnvFile] = field(default_factory=list)
+    files: list[PayloadFile] = field(default_factory=list)
     artifacts: list[Artifact] = field(default_factory=list)
     lock_path: Path | None = None
 
@@ -108,7 +99,7 @@ def prepare_environment(
             env, lock_path, cache, work, jobs=jobs, progress=progress, say=say
         )
     prepared.lock_path = lock_path
-    prepared.files.append(EnvFile(f"{LOCK_DIR}/{lock_path.name}", lock_path, "lock"))
+    prepared.files.append(PayloadFile(f"{LOCK_DIR}/{lock_path.name}", lock_path, "lock"))
     prepared.files.sort(key=lambda f: f.entry_path)
     return prepared
 
@@ -150,8 +141,11 @@ def _prepare_pip(
     paths = {a.sha256: fetched[a.sha256] for a in wheels} | {a.sha256: p for a, p in built}
     install_list = work / "requirements.txt"
     install_list.write_bytes(pip_install_list(artifacts))
-    files = [EnvFile(f"{WHEELS_DIR}/{a.filename}", paths[a.sha256], "package") for a in artifacts]
-    files.append(EnvFile(PIP_INSTALL_LIST, install_list, "lock"))
+    files = [
+        PayloadFile(f"{WHEELS_DIR}/{a.filename}", paths[a.sha256], "package", a.sha256)
+        for a in artifacts
+    ]
+    files.append(PayloadFile(PIP_INSTALL_LIST, install_list, "lock"))
     spec = _spec(env, "pip", install_list=PIP_INSTALL_LIST, packages=WHEELS_DIR)
     return PreparedEnvironment(spec=spec, files=files, artifacts=artifacts)
 
@@ -177,10 +171,15 @@ def _prepare_conda(
     install_list = work / "conda-explicit.txt"
     install_list.write_bytes(conda_install_list(artifacts))
     files = [
-        EnvFile(f"{CONDA_DIR}/{a.subdir or 'noarch'}/{a.filename}", fetched[a.sha256], "package")
+        PayloadFile(
+            f"{CONDA_DIR}/{a.subdir or 'noarch'}/{a.filename}",
+            fetched[a.sha256],
+            "package",
+            a.sha256,
+        )
         for a in artifacts
     ]
-    files.append(EnvFile(CONDA_INSTALL_LIST, install_list, "lock"))
+    files.append(PayloadFile(CONDA_INSTALL_LIST, install_list, "lock"))
     files += _channel_index(artifacts, fetched, work / "channel")
     spec = _spec(env, "conda", install_list=CONDA_INSTALL_LIST, packages=CONDA_DIR)
     return PreparedEnvironment(spec=spec, files=files, artifacts=artifacts)
@@ -188,7 +187,7 @@ def _prepare_conda(
 
 def _channel_index(
     artifacts: list[Artifact], fetched: dict[str, Path], channel: Path
-) -> list[EnvFile]:
+) -> list[PayloadFile]:
     """``repodata.json`` of the bundle's own channel, one per subdir that has packages.
 
     Made here, online, by ``rattler.index.index_fs``, so that the host gets the records ready
@@ -216,7 +215,7 @@ def _channel_index(
             for record in repodata.get(table, {}).values():
                 record.pop("indexed_timestamp", None)
         path.write_text(json.dumps(repodata, sort_keys=True, separators=(",", ":")) + "\n")
-        files.append(EnvFile(f"{CONDA_DIR}/{subdir}/repodata.json", path, "lock"))
+        files.append(PayloadFile(f"{CONDA_DIR}/{subdir}/repodata.json", path, "lock"))
     return files
 
 
@@ -293,6 +292,9 @@ class ResolvedModel:
 
     source_path: Path
     source: ModelSource | None
+    # sha256 of each file (relative to source_path) that is known already: checked against
+    # the hub's hashes when fetched, so the build need not hash it again.
+    digests: Mapping[str, str] = field(default_factory=dict)
 
 
 def resolve_model(recipe_path: Path, recipe: Recipe, *, say: Say = lambda _: None) -> ResolvedModel:
@@ -303,4 +305,8 @@ def resolve_model(recipe_path: Path, recipe: Recipe, *, say: Say = lambda _: Non
     fetched = fetch_hub_model(model)
     if fetched.resolved:
         say(f"model {fetched.repo_id}: revision {model.revision} resolved to {fetched.commit}")
-    return ResolvedModel(fetched.directory, ModelSource(fetched.repo_id, fetched.commit))
+    return ResolvedModel(
+        fetched.directory,
+        ModelSource(fetched.repo_id, fetched.commit),
+        {f.path: f.sha256 for f in fetched.files},
+    )

@@ -14,6 +14,7 @@ import hashlib
 import os
 import tarfile
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final
 
@@ -39,6 +40,19 @@ from signing.metadata import Signature
 
 DEFAULT_SIGNATURE_SPACE: Final = 16 * 1024
 _COPY_CHUNK: Final = 1 << 20
+
+
+@dataclass(frozen=True)
+class PayloadFile:
+    """A file that goes into the payload: its path in the bundle, where it lies on the builder,
+    its entry kind, and its sha256 when that is known already (a package fetched and checked
+    against its lock), so that the build does not read and hash it once more before writing.
+    ``write_bundle`` hashes every byte it copies either way."""
+
+    entry_path: str
+    source: Path
+    kind: str
+    sha256: str | None = None
 
 
 def tar_header(name: str, size: int) -> bytes:

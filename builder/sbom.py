@@ -24,9 +24,8 @@ from packageurl import PackageURL
 
 from builder.artifacts import Artifact
 from signing.manifest import ModelSource
+from signing.provenance import PROPERTY_PREFIX
 
-SBOM_ENTRY = "sbom.cdx.json"
-PROPERTY_PREFIX = "airgap-appliance"
 _NAMESPACE = uuid.UUID("5b0c6b0e-2f4e-4d1e-9a53-6a1f4f3c2b10")  # fixed: serials are uuid5
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-PROPERTY_PREFIX = "airgap-appliance"
+SBOM_ENTRY = "sbom.cdx.json"  # the SBOM's path in the payload (docs/adr/0007)
+PROPERTY_PREFIX = "airgap-appliance"  # of the CycloneDX properties the builder writes
 
 
 def summarize_sbom(data: bytes) -> dict[str, Any]:
@@ -53,18 +54,3 @@ def summarize_sbom(data: bytes) -> dict[str, Any]:
         "model": model,
         "packages": packages,
     }
-
-
-def describe(summary: dict[str, Any]) -> list[str]:
-    """Human lines for a summary (the same for ``inspect`` and ``status``)."""
-    if "error" in summary:
-        return [f"sbom     unreadable: {summary['error']}"]
-    lines = [f"sbom     {summary['spec']}, {len(summary['packages'])} package(s)"]
-    model = summary.get("model")
-    if model and model.get("purl"):
-        lines.append(f"  model  {model['purl']}")
-    for p in summary["packages"]:
-        lines.append(
-            f"  {p['name']} {p['version']}" + ("  (built from sdist)" if p["built"] else "")
-        )
-    return lines

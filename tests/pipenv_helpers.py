@@ -9,16 +9,14 @@ so :func:`serve_index` adds a route that answers a directory with its ``index.ht
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import socket
-import tarfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from localhttp import LocalServer
-from pkgfactory import _project_of, make_simple_index, normalize
+from pkgfactory import _project_of, make_sdist, make_simple_index, normalize
 
 from builder.recipe import PipEnvironment
 
@@ -100,25 +98,4 @@ setup(cmdclass={"build_py": BuildPy})
 def make_flag_sdist(out_dir: Path, version: str = "1.0") -> Path:
     """An sdist of ``flagged`` whose wheel holds ``flagged/flag.txt``: the value of
     ``$AIRGAP_TEST_FLAG`` during the build ("unset" without it)."""
-    base = f"flagged-{version}"
-    members = {
-        f"{base}/pyproject.toml": (
-            '[build-system]\nrequires = ["setuptools"]\n'
-            'build-backend = "setuptools.build_meta"\n'
-            f'[project]\nname = "flagged"\nversion = "{version}"\ndependencies = []\n'
-            '[tool.setuptools]\npackages = ["flagged"]\n'
-        ),
-        f"{base}/setup.py": SETUP_PY,
-        f"{base}/PKG-INFO": f"Metadata-Version: 2.1\nName: flagged\nVersion: {version}\n",
-        f"{base}/flagged/__init__.py": "",
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{base}.tar.gz"
-    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tf:
-        for arcname, text in sorted(members.items()):
-            data = text.encode()
-            info = tarfile.TarInfo(arcname)
-            info.size = len(data)
-            info.mtime = 1577836800
-            tf.addfile(info, io.BytesIO(data))
-    return path
+    return make_sdist(out_dir, "flagged", version, files={"setup.py": SETUP_PY})

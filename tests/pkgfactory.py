@@ -73,8 +73,16 @@ def make_wheel(
     return path
 
 
-def make_sdist(out_dir: Path, name: str, version: str, *, requires: Sequence[str] = ()) -> Path:
-    """A minimal setuptools sdist that builds into a pure-Python wheel."""
+def make_sdist(
+    out_dir: Path,
+    name: str,
+    version: str,
+    *,
+    requires: Sequence[str] = (),
+    files: Mapping[str, str] | None = None,
+) -> Path:
+    """A minimal setuptools sdist that builds into a pure-Python wheel; ``files`` (path in the
+    source tree -> text) are added to it, a ``setup.py`` for example."""
     dist = re.sub(r"[-.]+", "_", name)
     module = dist.lower()
     base = f"{dist}-{version}"
@@ -91,7 +99,7 @@ def make_sdist(out_dir: Path, name: str, version: str, *, requires: Sequence[str
         f"{base}/pyproject.toml": pyproject,
         f"{base}/PKG-INFO": pkg_info,
         f"{base}/{module}/__init__.py": f"__version__ = {version!r}\n",
-    }
+    } | {f"{base}/{rel}": text for rel, text in (files or {}).items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{base}.tar.gz"
     with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tf:

@@ -14,13 +14,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 from pkgfactory import make_wheel
-from server_helpers import requires_llama, write_model
+from server_helpers import requires_llama, wait_for, write_model
 from simulator import Host
 
 from appliance.apikeys import KeyStore, key_file
@@ -71,24 +70,17 @@ def cmdline(server: subprocess.Popen[str]) -> list[str]:
     return Path(f"/proc/{server.pid}/cmdline").read_bytes().decode().split("\0")[:-1] or [""]
 
 
-def get(url: str, key: str) -> dict[str, object]:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})  # noqa: S310
+def served(url: str, key: str) -> list[str]:
+    """The model ids ``/v1/models`` lists; none while the server is (re)starting."""
+    request = urllib.request.Request(  # noqa: S310 - loopback
+        f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}
+    )
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(request, timeout=5) as response:
-        data: dict[str, object] = json.loads(response.read())
-        return data
-
-
-def wait(condition: object, *, what: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if condition():  # type: ignore[operator]
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
+    try:
+        with opener.open(request, timeout=5) as response:
+            return [m["id"] for m in json.loads(response.read())["data"]]
+    except OSError:
+        return []
 
 
 def test_serve_runs_under_the_slot_environment_and_follows_it(tmp_path: Path, host: Host) -> None:
@@ -105,34 +97,37 @@ def test_serve_runs_under_the_slot_environment_and_follows_it(tmp_path: Path, ho
         text=True,
     )
     try:
-        wait(lambda: get(f"{url}/v1/models", key)["data"], what="the server to start")
+        wait_for(lambda: served(url, key) == ["demo"], timeout_s=60, what="the server to start")
         assert cmdline(server)[0] == f"{first.path}/env/bin/python"
-        # The slot's own package is importable by the serving interpreter, the host lacks it.
+        # The serving interpreter has the slot's own package; the appliance's does not.
+        in_slot = subprocess.run(
+            [cmdline(server)[0], "-c", "import slotmark; print(slotmark.VALUE)"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert in_slot.stdout == "one\n"
         host_has_it = subprocess.run(
             [sys.executable, "-c", "import slotmark"], capture_output=True, check=False
         )
         assert host_has_it.returncode != 0
         # Switch to a slot with another environment: serve drains and re-executes into it.
         second = host.install(env_bundle(host, "other", model, "two"), InstallOptions())
-        wait(
+        wait_for(
             lambda: cmdline(server)[0] == f"{second.path}/env/bin/python",
+            timeout_s=60,
             what="serve to re-execute under the new slot's interpreter",
         )
-        wait(
-            lambda: [m["id"] for m in get(f"{url}/v1/models", key)["data"]] == ["other"],  # type: ignore[index, union-attr]
-            what="the new slot's model",
-        )
+        wait_for(lambda: served(url, key) == ["other"], timeout_s=60, what="the new model")
         assert host.last_audit()["event"] == "confirm"  # the new process confirmed the slot
         # A slot without an environment is served by the appliance's own interpreter again.
         host.install(env_bundle(host, "third", model, None), InstallOptions())
-        wait(
+        wait_for(
             lambda: cmdline(server)[0] == sys.executable,
+            timeout_s=60,
             what="serve to go back to the appliance's interpreter",
         )
-        wait(
-            lambda: [m["id"] for m in get(f"{url}/v1/models", key)["data"]] == ["third"],  # type: ignore[index, union-attr]
-            what="the third slot's model",
-        )
+        wait_for(lambda: served(url, key) == ["third"], timeout_s=60, what="the third model")
     finally:
         server.send_signal(signal.SIGTERM)
         try:
