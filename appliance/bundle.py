@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol, runtime_checkable
 
 from appliance.tarstream import MemberHeader, ReadableStream, TarReader
+from signing.bounded import quote
 from signing.errors import FormatError, PayloadError
 from signing.manifest import BundleManifest, Entry, check_relative_path
 
@@ -136,12 +137,14 @@ def stream_payload(
         expected = PAYLOAD_PREFIX + entry.path
         header = tar.next_header()
         if header is None:
-            raise PayloadError(f"bundle: manifest entry {entry.path!r} is missing from the payload")
+            raise PayloadError(
+                f"bundle: manifest entry {quote(entry.path)} is missing from the payload"
+            )
         _check_member_name(header, expected=expected, position=position, names=names, seen=seen)
         seen.add(header.name)
         if header.size != entry.size:
             raise PayloadError(
-                f"bundle: member {header.name!r} declares {header.size} bytes, "
+                f"bundle: member {quote(header.name)} declares {header.size} bytes, "
                 f"manifest says {entry.size}"
             )
         _stream_member(tar, entry, sink, limits=limits, progress=progress)
@@ -191,7 +194,7 @@ def _stream_member(
     actual = digest.hexdigest()
     if actual != entry.sha256:
         raise PayloadError(
-            f"bundle: member {PAYLOAD_PREFIX + entry.path!r} sha256 mismatch "
+            f"bundle: member {quote(PAYLOAD_PREFIX + entry.path)} sha256 mismatch "
             f"(manifest {entry.sha256[:16]}..., payload {actual[:16]}...)"
         )
     sink.end(entry)
@@ -200,11 +203,11 @@ def _stream_member(
 def _expect_member(tar: TarReader, name: str, *, max_size: int) -> MemberHeader:
     header = tar.next_header()
     if header is None:
-        raise FormatError(f"bundle: ended before its {name!r} member")
+        raise FormatError(f"bundle: ended before its {quote(name)} member")
     if header.name != name:
-        raise FormatError(f"bundle: expected member {name!r}, found {header.name!r}")
+        raise FormatError(f"bundle: expected member {quote(name)}, found {quote(header.name)}")
     if header.size > max_size:
-        raise FormatError(f"bundle: member {name!r} is {header.size} bytes, limit {max_size}")
+        raise FormatError(f"bundle: member {quote(name)} is {header.size} bytes, limit {max_size}")
     return header
 
 
@@ -221,12 +224,12 @@ def _check_member_name(
         return
     check_relative_path(name, what="bundle member")
     if name in seen:
-        raise PayloadError(f"bundle: duplicate member {name!r}")
+        raise PayloadError(f"bundle: duplicate member {quote(name)}")
     if name not in names:
-        raise PayloadError(f"bundle: member {name!r} is not in the manifest")
+        raise PayloadError(f"bundle: member {quote(name)} is not in the manifest")
     if expected is None:  # pragma: no cover - every listed name was seen by then
-        raise PayloadError(f"bundle: member {name!r} after the last manifest entry")
+        raise PayloadError(f"bundle: member {quote(name)} after the last manifest entry")
     raise PayloadError(
-        f"bundle: member {name!r} out of order (expected {expected!r}; "
+        f"bundle: member {quote(name)} out of order (expected {quote(expected)}; "
         f"entry {position} missing or members reordered)"
     )

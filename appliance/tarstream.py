@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+from signing.bounded import quote
 from signing.errors import FormatError
 
 BLOCK: Final = 512
@@ -100,7 +101,7 @@ class TarReader:
         if len(buffer) > self._remaining:
             raise RuntimeError("read past the end of the current member")
         name = self._pending.name if self._pending else "?"
-        self._read_exact(buffer, what=f"member {name!r}")
+        self._read_exact(buffer, what=f"member {quote(name)}")
         self._remaining -= len(buffer)
 
     def transfer(self, length: int, move: Callable[[int], int]) -> None:
@@ -122,7 +123,7 @@ class TarReader:
                 n = move(length - got)
                 if n <= 0:
                     raise FormatError(
-                        f"bundle: truncated in member {name!r} (at byte {self._offset + got})"
+                        f"bundle: truncated in member {quote(name)} (at byte {self._offset + got})"
                     )
                 if n > length - got:
                     raise RuntimeError(f"moved {n} bytes, asked for at most {length - got}")
@@ -155,9 +156,9 @@ class TarReader:
         pad = header.padded_size - header.size
         if pad:
             view = memoryview(self._block)[:pad]
-            self._read_exact(view, what=f"padding of member {header.name!r}")
+            self._read_exact(view, what=f"padding of member {quote(header.name)}")
             if view != bytes(pad):
-                raise FormatError(f"bundle: non-zero padding after member {header.name!r}")
+                raise FormatError(f"bundle: non-zero padding after member {quote(header.name)}")
 
     def _read_exact(self, buffer: memoryview, *, what: str) -> None:
         got = 0
@@ -186,8 +187,8 @@ class TarReader:
             raise FormatError(f"bundle: {where} is not a POSIX ustar header")
         name = _parse_name(block, where=where)
         if block[157:257] != bytes(100):
-            raise FormatError(f"bundle: member {name!r} has a link name")
-        size = _parse_octal(block[124:136], what=f"size of member {name!r}")
+            raise FormatError(f"bundle: member {quote(name)} has a link name")
+        size = _parse_octal(block[124:136], what=f"size of member {quote(name)}")
         return MemberHeader(index=self._index, name=name, size=size, data_offset=self._offset)
 
 
@@ -204,7 +205,7 @@ def _parse_name(block: bytes, *, where: str) -> str:
 def _display_name(block: bytes) -> str:
     """The member's name for an error message, however malformed the header is."""
     raw = block[0:100].split(b"\x00", 1)[0]
-    return repr(raw.decode("utf-8", "replace"))
+    return quote(raw.decode("utf-8", "replace"))
 
 
 def _nul_terminated(field: bytes, *, what: str) -> bytes:

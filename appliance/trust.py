@@ -13,6 +13,7 @@ from pathlib import Path
 
 from appliance.fsutil import atomic_write
 from appliance.host import HostPaths
+from signing.bounded import MAX_QUOTED, clip
 from signing.canonical import format_time
 from signing.errors import ExpiredError, FormatError, InputError, StateError
 from signing.metadata import Root, SignedRoot, verify_root, verify_rotation
@@ -45,7 +46,8 @@ class TrustStore:
             fingerprint.strip().lower(), signed.fingerprint
         ):
             raise InputError(
-                f"root fingerprint {signed.fingerprint} does not match the expected {fingerprint}"
+                f"root fingerprint {signed.fingerprint} does not match the expected "
+                f"{clip(fingerprint, MAX_QUOTED)}"
             )
         verify_root(signed)
         check_root_expiry(signed.root, now)
@@ -75,7 +77,9 @@ def check_root_expiry(root: Root, now: datetime) -> None:
 def read_root_file(path: Path) -> bytes:
     try:
         if path.stat().st_size > MAX_ROOT_BYTES:
-            raise FormatError(f"{path}: root metadata larger than {MAX_ROOT_BYTES} bytes")
+            raise FormatError(
+                f"{clip(str(path), MAX_QUOTED)}: root metadata larger than {MAX_ROOT_BYTES} bytes"
+            )
         return path.read_bytes()
     except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+        raise InputError(f"cannot read {clip(str(path), MAX_QUOTED)}: {exc.strerror}") from None

@@ -18,6 +18,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
+from signing.bounded import MAX_QUOTED, clip, quote
 from signing.errors import FormatError
 
 JSONValue = None | bool | int | str | list["JSONValue"] | dict[str, "JSONValue"]
@@ -33,6 +34,12 @@ MIN_INT = -(1 << 63)
 _MAX_INT_DIGITS = 20  # len(str(MIN_INT)); longer digit strings are refused before int()
 
 _TIME_RE = re.compile(r"\A([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})Z\Z")
+_KEY_IN_PATH = 64  # characters of one object key in a "$['a'][0]" location
+
+
+def _at(where: str) -> str:
+    """A location for a message: 64 levels of quoted keys would still be too long a line."""
+    return clip(where, MAX_QUOTED)
 
 
 def _check(value: object, depth: int, where: str) -> None:
@@ -43,13 +50,13 @@ def _check(value: object, depth: int, where: str) -> None:
         return
     if isinstance(value, int):
         if not MIN_INT <= value <= MAX_INT:
-            raise ValueError(f"integer at {where} is outside the signed 64-bit range")
+            raise ValueError(f"integer at {_at(where)} is outside the signed 64-bit range")
         return
     if isinstance(value, str):
-        _check_text(value, f"string at {where}")
+        _check_text(value, f"string at {_at(where)}")
         return
     if isinstance(value, float):
-        raise TypeError(f"float at {where} is not allowed")
+        raise TypeError(f"float at {_at(where)} is not allowed")
     if isinstance(value, list | tuple):
         for index, item in enumerate(value):
             _check(item, depth + 1, f"{where}[{index}]")
@@ -57,11 +64,13 @@ def _check(value: object, depth: int, where: str) -> None:
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
-                raise TypeError(f"object key {key!r} at {where} is not a string")
-            _check_text(key, f"object key at {where}")
-            _check(item, depth + 1, f"{where}[{key!r}]")
+                raise TypeError(f"object key {quote(key)} at {_at(where)} is not a string")
+            _check_text(key, f"object key at {_at(where)}")
+            # repr() directly for the usual short key: this runs for every key of a document.
+            segment = repr(key) if len(key) <= _KEY_IN_PATH else quote(key, limit=_KEY_IN_PATH)
+            _check(item, depth + 1, f"{where}[{segment}]")
         return
-    raise TypeError(f"{type(value).__name__} at {where} is not a JSON type")
+    raise TypeError(f"{type(value).__name__} at {_at(where)} is not a JSON type")
 
 
 def _check_text(text: str, label: str) -> None:
@@ -106,7 +115,7 @@ def decode_canonical(data: bytes, *, what: str) -> Any:
         result: dict[str, Any] = {}
         for key, item in items:
             if key in result:
-                _refuse(what, f"duplicate key {key!r}")
+                _refuse(what, f"duplicate key {quote(key)}")
             result[key] = item
         return result
 

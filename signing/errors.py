@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from signing.bounded import MAX_LINE, clip
+
 
 class AirgapError(Exception):
     """Root of every error this project raises on purpose."""
@@ -19,8 +21,12 @@ class AirgapError(Exception):
     exit_code: ClassVar[int] = 1
 
     def diagnostics(self) -> str:
-        """One line for the operator: what failed and why."""
-        return " ".join(str(self).split())
+        """One line for the operator: what failed and why, at most MAX_LINE characters.
+
+        Messages are bounded where they are built (signing.bounded); the cut here is the last
+        line of defence, because this line is what the audit log records for a refusal.
+        """
+        return clip(" ".join(str(self).split()), MAX_LINE)
 
 
 class InputError(AirgapError):
@@ -111,3 +117,15 @@ class FetchError(AirgapError):
     """A URL cannot be fetched after retries (unreachable index, channel, hub or server)."""
 
     exit_code = 9
+
+
+class HostBusyError(StateError):
+    """Another state-changing operation holds the host lock: this one is refused, not run."""
+
+
+class ActivatedError(AirgapError):
+    """An install activated its new slot, then a later step failed (saving the host state,
+    removing old slots). The new slot is active and the host consistent; the message says what
+    to do about the step that failed."""
+
+    exit_code = 10

@@ -3,6 +3,14 @@
 Both halves use this module: the builder writes manifests, the appliance verifies them. Parsing
 is strict and total: any input either yields a frozen :class:`BundleManifest` or raises
 :class:`~signing.errors.FormatError` with one line naming the field.
+
+Total means every field's JSON type is checked before the value is used in any way that
+assumes a type: hashed (``in`` a frozenset, a dict key), compared with ``<``, measured with
+``len`` or matched by a regex. JSON gives lists and objects where a string was meant, and
+``True`` where an integer was meant; each of those must be a FormatError, never a TypeError
+(tests/test_parsers_total.py mutates every field of a valid manifest to every JSON type).
+Values from the input are quoted through :func:`signing.bounded.quote`, so a refusal stays one
+short line whatever the input holds.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from typing import Any, Final
 
 from packaging.version import Version
 
+from signing.bounded import quote
 from signing.canonical import decode_canonical, encode_canonical, format_time, parse_time
 from signing.errors import FormatError
 from signing.metadata import Signature, parse_signatures, signatures_to_list
@@ -63,7 +72,7 @@ def check_runtime(runtime: Mapping[str, Any]) -> None:
             if not isinstance(value, str) or value not in DTYPES:
                 raise FormatError(f"manifest: runtime.dtype must be one of {sorted(DTYPES)}")
         else:
-            raise FormatError(f"manifest: unknown runtime setting {key!r}")
+            raise FormatError(f"manifest: unknown runtime setting {quote(key)}")
 
 
 def check_relative_path(path: object, *, what: str) -> str:
@@ -79,12 +88,12 @@ def check_relative_path(path: object, *, what: str) -> str:
     if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
         raise FormatError(f"{what}: path longer than {MAX_PATH_BYTES} bytes")
     if path.startswith("/"):
-        raise FormatError(f"{what}: absolute path {path!r}")
+        raise FormatError(f"{what}: absolute path {quote(path)}")
     if "\\" in path or any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
-        raise FormatError(f"{what}: path {path!r} has a backslash or control character")
+        raise FormatError(f"{what}: path {quote(path)} has a backslash or control character")
     for part in path.split("/"):
         if part in ("", ".", ".."):
-            raise FormatError(f"{what}: path {path!r} has an empty, '.' or '..' component")
+            raise FormatError(f"{what}: path {quote(path)} has an empty, '.' or '..' component")
     return path
 
 
@@ -106,13 +115,13 @@ class Entry:
         path = check_relative_path(obj["path"], what=what)
         size = obj["size"]
         if not _is_int(size) or size < 0:
-            raise FormatError(f"{what} {path!r}: size must be a non-negative integer")
+            raise FormatError(f"{what} {quote(path)}: size must be a non-negative integer")
         digest = obj["sha256"]
         if not isinstance(digest, str) or not _SHA256_RE.fullmatch(digest):
-            raise FormatError(f"{what} {path!r}: sha256 must be 64 lowercase hex digits")
+            raise FormatError(f"{what} {quote(path)}: sha256 must be 64 lowercase hex digits")
         kind = obj["kind"]
         if not isinstance(kind, str) or kind not in ENTRY_KINDS:
-            raise FormatError(f"{what} {path!r}: unknown kind {kind!r}")
+            raise FormatError(f"{what} {quote(path)}: unknown kind {quote(kind)}")
         return cls(path=path, size=size, sha256=digest, kind=kind)
 
 
@@ -135,17 +144,21 @@ class EnvironmentSpec:
 
     def __post_init__(self) -> None:
         what = "manifest environment"
-        if self.type not in ENV_TYPES:
+        # isinstance first: a list or object is unhashable, and ``in`` a frozenset raises
+        # TypeError on it (a signed manifest with "type": [] once crashed the installer).
+        if not isinstance(self.type, str) or self.type not in ENV_TYPES:
             raise FormatError(f"{what}: type must be one of {sorted(ENV_TYPES)}")
         if not isinstance(self.platform, str) or not _PLATFORM_RE.fullmatch(self.platform):
-            raise FormatError(f"{what}: platform {self.platform!r} is not a platform tag")
+            raise FormatError(f"{what}: platform {quote(self.platform)} is not a platform tag")
         if not isinstance(self.python, str) or not _PYTHON_RE.fullmatch(self.python):
-            raise FormatError(f"{what}: python must look like '3.11', got {self.python!r}")
+            raise FormatError(f"{what}: python must look like '3.11', got {quote(self.python)}")
         check_relative_path(self.install_list, what=f"{what} install_list")
         check_relative_path(self.packages, what=f"{what} packages")
+        if not isinstance(self.smoke_imports, tuple):
+            raise FormatError(f"{what}: smoke_imports must be a tuple of module names")
         for module in self.smoke_imports:
             if not isinstance(module, str) or not _MODULE_RE.fullmatch(module):
-                raise FormatError(f"{what}: smoke import {module!r} is not a module name")
+                raise FormatError(f"{what}: smoke import {quote(module)} is not a module name")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -187,7 +200,7 @@ class ModelSource:
 
     def __post_init__(self) -> None:
         if not isinstance(self.repo_id, str) or not _REPO_ID_RE.fullmatch(self.repo_id):
-            raise FormatError(f"manifest model.source: bad repo_id {self.repo_id!r}")
+            raise FormatError(f"manifest model.source: bad repo_id {quote(self.repo_id)}")
         if not isinstance(self.commit, str) or not _COMMIT_RE.fullmatch(self.commit):
             raise FormatError("manifest model.source: commit must be 40 lowercase hex digits")
 
@@ -211,25 +224,40 @@ class BundleManifest:
     _parsed_version: Version = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not _NAME_RE.fullmatch(self.name):
-            raise FormatError(f"manifest: name {self.name!r} must match {_NAME_RE.pattern}")
+        # Every field is type-checked before use, also when built directly (the builder does),
+        # so that no wrong type can reach a regex, a comparison or a hash as a TypeError.
+        if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
+            raise FormatError(f"manifest: name {quote(self.name)} must match {_NAME_RE.pattern}")
         object.__setattr__(self, "_parsed_version", self.parse_version(self.version))
+        if not isinstance(self.runtime, Mapping):
+            raise FormatError("manifest: runtime must be an object")
         object.__setattr__(self, "runtime", MappingProxyType(dict(self.runtime)))
+        for when in (self.created, self.expires):
+            if not isinstance(when, datetime) or when.utcoffset() is None:
+                raise FormatError("manifest: created and expires must be aware datetimes")
         if self.expires <= self.created:
             raise FormatError("manifest: expires must be later than created")
         check_runtime(self.runtime)
         check_relative_path(self.model_path, what="manifest model.path")
+        if not isinstance(self.entries, tuple) or not all(
+            isinstance(e, Entry) for e in self.entries
+        ):
+            raise FormatError("manifest: entries must be a tuple of Entry")
+        if self.environment is not None and not isinstance(self.environment, EnvironmentSpec):
+            raise FormatError("manifest: environment must be an EnvironmentSpec")
+        if self.model_source is not None and not isinstance(self.model_source, ModelSource):
+            raise FormatError("manifest: model.source must be a ModelSource")
         _check_entries(self.entries)
         if not any(
             e.path == self.model_path or e.path.startswith(self.model_path + "/")
             for e in self.entries
         ):
-            raise FormatError(f"manifest: model.path {self.model_path!r} names no entry")
+            raise FormatError(f"manifest: model.path {quote(self.model_path)} names no entry")
         if self.environment is not None:
             env = self.environment
             if not any(e.path == env.install_list for e in self.entries):
                 raise FormatError(
-                    f"manifest: environment install_list {env.install_list!r} names no entry"
+                    f"manifest: environment install_list {quote(env.install_list)} names no entry"
                 )
 
     @property
@@ -239,12 +267,14 @@ class BundleManifest:
     @staticmethod
     def parse_version(text: str) -> Version:
         """Versions compare as PEP 440 versions ("1.10.0" is newer than "1.9.0")."""
+        if not isinstance(text, str):
+            raise FormatError("version must be a string")
         if len(text) > MAX_VERSION_LENGTH:
             raise FormatError(f"version is longer than {MAX_VERSION_LENGTH} characters")
         try:
             return Version(text)
         except ValueError:  # InvalidVersion, and int() of absurdly long digit runs
-            raise FormatError(f"version {text!r} is not a valid version") from None
+            raise FormatError(f"version {quote(text)} is not a valid version") from None
 
     @property
     def payload_size(self) -> int:
@@ -298,10 +328,12 @@ class BundleManifest:
             what="manifest",
         )
         if obj["_type"] != MANIFEST_TYPE:
-            raise FormatError(f"manifest: _type must be {MANIFEST_TYPE!r}, got {obj['_type']!r}")
-        if obj["format_version"] != FORMAT_VERSION or not _is_int(obj["format_version"]):
             raise FormatError(
-                f"manifest: format_version {obj['format_version']!r} is not supported "
+                f"manifest: _type must be {MANIFEST_TYPE!r}, got {quote(obj['_type'])}"
+            )
+        if not _is_int(obj["format_version"]) or obj["format_version"] != FORMAT_VERSION:
+            raise FormatError(
+                f"manifest: format_version {quote(obj['format_version'])} is not supported "
                 f"(this appliance reads {FORMAT_VERSION})"
             )
         for key in ("name", "version"):
@@ -367,13 +399,15 @@ def _check_entries(entries: tuple[Entry, ...]) -> None:
         raise FormatError("manifest: entries are not sorted by path")
     for before, after in itertools.pairwise(paths):
         if before == after:
-            raise FormatError(f"manifest: duplicate entry {after!r}")
+            raise FormatError(f"manifest: duplicate entry {quote(after)}")
     names = set(paths)
     for path in paths:
         parts = path.split("/")
         for i in range(1, len(parts)):
             if "/".join(parts[:i]) in names:
-                raise FormatError(f"manifest: entry {'/'.join(parts[:i])!r} is also a directory")
+                raise FormatError(
+                    f"manifest: entry {quote('/'.join(parts[:i]))} is also a directory"
+                )
 
 
 def _exact_object(
@@ -386,7 +420,7 @@ def _exact_object(
     if missing:
         raise FormatError(f"{what}: missing field {sorted(missing)[0]!r}")
     if extra:
-        raise FormatError(f"{what}: unknown field {sorted(extra)[0]!r}")
+        raise FormatError(f"{what}: unknown field {quote(sorted(extra)[0])}")
     return value
 
 

@@ -20,6 +20,7 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
+from signing.bounded import quote
 from signing.canonical import decode_canonical, encode_canonical, format_time, normalize_time
 from signing.canonical import parse_time as _parse_time
 from signing.errors import FormatError, RotationError, SignatureError
@@ -78,10 +79,15 @@ class Root:
         if not _is_int(self.version) or self.version < 1:
             raise FormatError("root: version must be an integer >= 1")
         object.__setattr__(self, "expires", normalize_time(self.expires))
+        if not isinstance(self.keys, Mapping) or not isinstance(self.roles, Mapping):
+            raise FormatError("root: keys and roles must be mappings")
+        # Checked before sorting: a non-string keyid would make sorted() raise TypeError.
+        if not all(isinstance(keyid, str) for keyid in [*self.keys, *self.roles]):
+            raise FormatError("root: keyids and role names must be strings")
         keys = dict(sorted(self.keys.items()))
         for keyid, key in keys.items():
             if not isinstance(key, PublicKey):
-                raise FormatError(f"root: key {keyid!r} is not a PublicKey")
+                raise FormatError(f"root: key {quote(keyid)} is not a PublicKey")
             if keyid != key.keyid:
                 raise FormatError(
                     f"root: keyid {short_keyid(str(keyid))} does not match its key"
@@ -89,10 +95,12 @@ class Root:
                 )
         roles = dict(sorted(self.roles.items()))
         if set(roles) != ROLES:
-            raise FormatError(f"root: roles must be exactly {sorted(ROLES)}, got {sorted(roles)}")
+            raise FormatError(
+                f"root: roles must be exactly {sorted(ROLES)}, got {quote(sorted(roles))}"
+            )
         for name, role in roles.items():
             if not isinstance(role, Role):
-                raise FormatError(f"root: role '{name}' is not a Role")
+                raise FormatError(f"root: role {quote(name)} is not a Role")
             for keyid in role.keyids:
                 if keyid not in keys:
                     raise FormatError(
@@ -129,7 +137,7 @@ class Root:
         if set(value) != _FIELDS:
             raise FormatError(f"root: signed must have exactly the fields {sorted(_FIELDS)}")
         if value["_type"] != "root":
-            raise FormatError(f"root: _type must be 'root', got {str(value['_type'])[:40]!r}")
+            raise FormatError(f"root: _type must be 'root', got {quote(value['_type'])}")
         if value["spec_version"] != SPEC_VERSION:
             raise FormatError(f"root: spec_version must be {SPEC_VERSION!r}")
         version = value["version"]
@@ -198,6 +206,8 @@ class SignedRoot:
 
         Checks form only: call :func:`verify_root` or :func:`verify_rotation` to trust it.
         """
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise FormatError(f"{what}: expected bytes, got {type(data).__name__}")
         if len(data) > max_length:
             raise FormatError(f"{what}: {len(data)} bytes is more than the limit of {max_length}")
         value = decode_canonical(data, what=what)

@@ -3,7 +3,8 @@
 This is the one place that decides whether signed bytes are trusted, so its rules are few and
 strict: a keyid counts at most once however often it appears, keys outside the role never count,
 invalid signatures never count, and a failure says in one line exactly why the count fell short
-(duplicates, unknown keys, bad signatures), in a stable order, so operators can act on it.
+(duplicates, unknown keys, bad signatures), in a stable order, so operators can act on it;
+the first few problems are named and the rest counted, so the line stays short whatever the input.
 
 Signatures are always over canonical bytes; this module never parses what they cover.
 """
@@ -15,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from signing.bounded import listing
 from signing.errors import FormatError, SignatureError, UnsignedError
 from signing.keys import PublicKey
 
@@ -170,5 +172,9 @@ def verify_threshold(
         line = f"{what}: {len(counted)} of {role.threshold} required signatures"
         if role_name is not None:
             line += f" from role '{role_name}'"
-        raise SignatureError("; ".join([line, *details]))
+        # Bounded: a block of thousands of signatures by unknown keys must not become a
+        # message (and an audit record) of thousands of problems.
+        if details:
+            line += "; " + listing(details)
+        raise SignatureError(line)
     return frozenset(counted)
