@@ -9,12 +9,19 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 import click
 
 from appliance.console import ByteProgress, emit_json, parse_cli_time, run_cli
-from appliance.host import DEFAULT_ROOT, HostState
-from appliance.installer import DEFAULT_GRACE_PERIOD_S, DEFAULT_KEEP, Appliance, InstallOptions
+from appliance.host import DEFAULT_ROOT
+from appliance.installer import (
+    DEFAULT_GRACE_PERIOD_S,
+    DEFAULT_KEEP,
+    MAX_GRACE_PERIOD_S,
+    Appliance,
+    InstallOptions,
+)
 from appliance.provenance import describe_provenance, slot_provenance
 from appliance.service import DEFAULT_UNIT_DIR, UNIT_NAME, ServiceSpec, write_unit
 from appliance.trust import read_root_file
 from signing.canonical import encode_canonical, format_time
+from signing.errors import IntegrityError
 
 if TYPE_CHECKING:
     from appliance.apikeys import KeyStore
@@ -143,7 +150,7 @@ def verify(app: Appliance, bundle: str, assume_time: str | None, as_json: bool) 
 )
 @click.option(
     "--grace-period",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=MAX_GRACE_PERIOD_S),
     default=DEFAULT_GRACE_PERIOD_S,
     show_default=True,
     help="Seconds after activation in which 'serve' rolls back by itself if the model fails.",
@@ -199,7 +206,14 @@ def status(app: Appliance, as_json: bool) -> None:
     info = _status(app)
     if as_json:
         emit_json(info)
-        return
+    else:
+        _print_status(app, info)
+    if problems := info["problems"]:
+        more = f" (and {len(problems) - 1} more above)" if len(problems) > 1 else ""
+        raise IntegrityError(f"host state is damaged: {problems[0]}{more}")
+
+
+def _print_status(app: Appliance, info: dict[str, Any]) -> None:
     root = info["trust"]
     click.echo(f"root:     {app.paths.root}")
     if root:
@@ -215,6 +229,8 @@ def status(app: Appliance, as_json: bool) -> None:
         if active
         else "active:   none"
     )
+    for problem in info["problems"]:
+        click.echo(f"damaged:  {problem}")
     if info["provenance"]:
         for line in describe_provenance(info["provenance"]):
             click.echo(line)
@@ -234,16 +250,28 @@ def _status(app: Appliance) -> dict[str, Any]:
             "expires": format_time(signed.root.expires),
             "fingerprint": signed.fingerprint,
         }
-    current = app.slots.current()
-    state = HostState.load(app.paths.state)
+    # status is where an operator looks when something is wrong: it shows damage, with its
+    # repair, instead of failing on it.
+    problems: list[str] = []
+    current = None
+    if (problem := app.slots.current_problem()) is not None:
+        problems.append(f"{problem}; run 'appliance repair'")
+    else:
+        current = app.slots.current()
+    slots, strays = app.slots.scan()
+    problems.extend(f"slots/{e.name}: {why}; run 'appliance repair'" for e, why in strays)
+    state, damage = app.load_state()
+    if damage is not None:
+        problems.append(damage.diagnostics())
     return {
         "root": str(app.paths.root),
         "trust": trust_info,
         "active": current.to_json() if current else None,
         "provenance": slot_provenance(current.path) if current else None,
-        "slots": [s.to_json() for s in app.slots.list()],
+        "slots": [s.to_json() for s in slots],
         "highest_installed": state.highest,
         "time_floor": format_time(state.time_floor) if state.time_floor else None,
+        "problems": problems,
     }
 
 
@@ -256,6 +284,11 @@ def history(app: Appliance, as_json: bool, check: bool) -> None:
     if check:
         count = app.audit.check()
         click.echo(f"audit log intact: {count} records, hash chain verified")
+        if torn := app.audit.torn_tail():
+            click.echo(
+                f"note: {torn} bytes of an interrupted append follow the last record; the next "
+                "operation moves them aside and records that it did"
+            )
         return
     for record in app.audit.records():
         if as_json:
@@ -264,6 +297,27 @@ def history(app: Appliance, as_json: bool, check: bool) -> None:
         what = " ".join(str(record[k]) for k in ("name", "version") if k in record)
         line = f"{record['seq']:>4} {record['time']} {record['event']:<12} {record['outcome']:<8}"
         click.echo(f"{line} {what}" + (f"  {record['error']}" if "error" in record else ""))
+
+
+@cli.command()
+@click.option(
+    "--reanchor-audit-log",
+    is_flag=True,
+    help="Accept a broken audit log: keep it aside and start a new chain that names it.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_appliance
+def repair(app: Appliance, reanchor_audit_log: bool, as_json: bool) -> None:
+    """Bring a damaged host state back to consistency (audited; see docs/cli.md)."""
+    from appliance.repair import repair as run_repair  # noqa: PLC0415 - only this command
+
+    actions = run_repair(app, reanchor_audit_log=reanchor_audit_log)
+    if as_json:
+        emit_json({"actions": actions})
+        return
+    for action in actions:
+        click.echo(action)
+    click.echo("host state consistent" + ("" if actions else "; nothing to repair"))
 
 
 @cli.group()

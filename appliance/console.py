@@ -7,7 +7,9 @@ line (set APPLIANCE_DEBUG=1 for the traceback). Progress bars go to stderr, only
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -16,8 +18,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from appliance.signals import Terminated
 from signing.canonical import parse_time
-from signing.errors import AirgapError, InputError
+from signing.errors import AirgapError, InputError, StateError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -25,6 +28,10 @@ if TYPE_CHECKING:
 
 EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cmd | head` elsewhere
+# Errors of the host's disk rather than of the program: they are host state (exit 5).
+_HOST_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM})
 
 _stderr_console: Console | None = None
 
@@ -61,6 +68,14 @@ def _may_be_terminal() -> bool:
 
 
 def run_cli(group: click.Group, prog_name: str) -> NoReturn:
+    # The host's warnings (a stray entry in slots/, say) go to stderr as one line each, like
+    # errors; the server's own log (appliance.server) keeps its configuration.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    logger = logging.getLogger("appliance.slots")
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
     try:
         # Not group.main(): it prints a blank line of its own on Ctrl-C before we can say why.
         with group.make_context(prog_name, sys.argv[1:]) as ctx:
@@ -82,14 +97,36 @@ def run_cli(group: click.Group, prog_name: str) -> NoReturn:
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except Terminated:
+        click.echo("error: terminated (SIGTERM)", err=True)
+        sys.exit(EXIT_TERMINATED)
+    except BrokenPipeError:
+        # The reader went away (`appliance status | head`): nothing to say, and nothing more
+        # may be written to stdout, not even by the interpreter's flush at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(EXIT_BROKEN_PIPE)
+    except OSError as exc:
+        if exc.errno not in _HOST_ERRNOS:
+            if os.environ.get("APPLIANCE_DEBUG"):
+                raise
+            _internal(exc)
+        where = f": {exc.filename}" if exc.filename else ""
+        click.echo(f"error: {exc.strerror}{where}", err=True)
+        sys.exit(StateError.exit_code)
     except Exception as exc:
         if os.environ.get("APPLIANCE_DEBUG"):
             raise
-        click.echo(
-            f"internal error: {type(exc).__name__}: {exc} (APPLIANCE_DEBUG=1 shows more)", err=True
-        )
-        sys.exit(EXIT_INTERNAL)
+        _internal(exc)
     sys.exit(0)
+
+
+def _internal(exc: BaseException) -> NoReturn:
+    message = " ".join(f"{type(exc).__name__}: {exc}".split())
+    if len(message) > 500:
+        message = message[:500] + "..."
+    click.echo(f"internal error: {message} (APPLIANCE_DEBUG=1 shows more)", err=True)
+    sys.exit(EXIT_INTERNAL)
 
 
 def parse_cli_time(value: str | None) -> datetime | None:

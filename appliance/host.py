@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
 from appliance.audit import AuditLog
 from appliance.fsutil import atomic_write
 from signing.canonical import encode_canonical, format_time, parse_time
-from signing.errors import IntegrityError, StateError
+from signing.errors import FormatError, IntegrityError, StateError, VerificationError
 from signing.manifest import BundleManifest
 
 DEFAULT_ROOT: Final = Path("/var/lib/appliance")
+# How far ahead of the host's time a bundle's signing time may be (docs/adr/0005): clocks of
+# builders and hosts drift by minutes, time zones by hours; a day ahead is a wrong clock.
+MAX_SIGNED_AHEAD: Final = timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -138,8 +141,11 @@ class HostState:
                 next_seq=int(obj["next_seq"]),
                 trial=Trial.from_json(obj["trial"]) if obj.get("trial") else None,
             )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise IntegrityError(f"host state {path} is damaged: {exc}") from None
+        except (ValueError, KeyError, TypeError, AttributeError, FormatError) as exc:
+            raise IntegrityError(
+                f"host state {path} is damaged: {exc}; 'appliance repair' rebuilds it "
+                "from the slots"
+            ) from None
 
     def save(self, path: Path) -> None:
         atomic_write(
@@ -205,3 +211,21 @@ def host_time(state: HostState, *, override: datetime | None) -> HostTime:
     if floored and state.time_floor is not None:
         now = state.time_floor
     return HostTime(now=now, system=system, override=override, floored=floored)
+
+
+def check_signing_time(created: datetime, clock: HostTime) -> None:
+    """Refuse a bundle signed more than MAX_SIGNED_AHEAD after the host's time.
+
+    Installing it would raise the time floor past real time, and from then on every install
+    and root update would be refused as expired with no way back (the floor exists so that
+    nobody can move the clock back past a signature already seen). The operator who knows the
+    host clock is wrong vouches for the real time with ``--assume-time``, which is logged.
+    """
+    if created > clock.now + MAX_SIGNED_AHEAD:
+        source = "--assume-time" if clock.override is not None else "this host's clock"
+        raise VerificationError(
+            f"bundle signed at {format_time(created)}, more than a day after {source} "
+            f"({format_time(clock.now)}): a builder clock or SOURCE_DATE_EPOCH is wrong, or this "
+            "host's clock is; if the host's clock is wrong, set it, or vouch for the time with "
+            f"--assume-time {format_time(created)}"
+        )

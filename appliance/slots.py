@@ -5,21 +5,33 @@ fsynced staging directory, so every slot found there is complete. Removal goes t
 rename into ``trash/`` first, then delete, so a crash mid-delete never leaves a half slot that
 looks whole. Activation and rollback are one ``rename`` of the ``current`` symlink: constant
 time, whatever the slot size.
+
+Everything read back is checked, because anything on disk may have been damaged or planted
+(docs/threat-model.md, "Damaged host state"): a slot is a real directory (never a symlink)
+directly under ``slots/`` whose name, ``slot.json`` and stored manifest agree; ``current`` is
+a symlink to ``slots/<one of them>``. Entries that are not slots are ignored with a warning
+(once per store) and never adopted; a ``current`` that points anywhere else is reported with
+its repair (``appliance repair``, docs/cli.md), never followed.
 """
 
 from __future__ import annotations
 
 import builtins
+import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from appliance.fsutil import atomic_symlink, fsync_dir, remove_temporaries, remove_tree
 from appliance.host import HostPaths
+from signing.bounded import quote
 from signing.errors import IntegrityError, StateError
 from signing.manifest import BundleManifest
 
+LOG: Final = logging.getLogger(__name__)
+REPAIR: Final = "run 'appliance repair'"
 SLOT_META: Final = "slot.json"
 BUNDLE_DIR: Final = "bundle"
 PAYLOAD_DIR: Final = "payload"
@@ -53,6 +65,28 @@ class SlotInfo:
 
     @classmethod
     def read(cls, path: Path) -> SlotInfo:
+        """The slot at ``path``, checked: its name, its ``slot.json`` and its stored manifest
+        must agree, so a planted or half-edited directory is never taken for a slot."""
+        info = cls._read_meta(path)
+        expected = slot_name(info.seq, info.name, info.version)
+        if path.name != expected:
+            raise IntegrityError(
+                f"slot {quote(path.name)} is damaged: its slot.json describes {expected}"
+            )
+        try:
+            stored = (path / BUNDLE_DIR / "manifest.json").read_bytes()
+        except OSError as exc:
+            raise IntegrityError(
+                f"slot {path.name} is damaged: no readable manifest ({exc.strerror})"
+            ) from None
+        if hashlib.sha256(stored).hexdigest() != info.manifest_sha256:
+            raise IntegrityError(
+                f"slot {path.name} is damaged: its manifest is not the one slot.json names"
+            )
+        return info
+
+    @classmethod
+    def _read_meta(cls, path: Path) -> SlotInfo:
         try:
             obj = json.loads((path / SLOT_META).read_bytes())
             return cls(
@@ -68,29 +102,75 @@ class SlotInfo:
                 allow_downgrade=bool(obj["allow_downgrade"]),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise IntegrityError(f"slot {path.name} is damaged: {exc}") from None
+            raise IntegrityError(f"slot {quote(path.name)} is damaged: {exc}") from None
 
 
 def slot_id(seq: int, manifest: BundleManifest) -> str:
-    return f"{seq:06d}-{manifest.name}-{manifest.version}"
+    return slot_name(seq, manifest.name, manifest.version)
+
+
+def slot_name(seq: int, name: str, version: str) -> str:
+    return f"{seq:06d}-{name}-{version}"
 
 
 class SlotStore:
     def __init__(self, paths: HostPaths) -> None:
         self._paths = paths
+        self._warned: set[str] = set()
 
     def list(self) -> builtins.list[SlotInfo]:
+        """The valid slots, oldest first; every other entry of ``slots/`` is warned about."""
+        slots, strays = self.scan()
+        for entry, problem in strays:
+            if entry.name not in self._warned:
+                self._warned.add(entry.name)
+                LOG.warning("ignoring slots/%s: %s; %s", quote(entry.name)[1:-1], problem, REPAIR)
+        return slots
+
+    def scan(self) -> tuple[builtins.list[SlotInfo], builtins.list[tuple[Path, str]]]:
+        """The valid slots, and each other entry of ``slots/`` with what is wrong with it."""
         if not self._paths.slots.is_dir():
-            return []
-        slots = [SlotInfo.read(p) for p in self._paths.slots.iterdir() if p.is_dir()]
-        return sorted(slots, key=lambda s: s.seq)
+            return [], []
+        slots: builtins.list[SlotInfo] = []
+        strays: builtins.list[tuple[Path, str]] = []
+        for entry in sorted(self._paths.slots.iterdir()):
+            if entry.is_symlink():
+                strays.append((entry, "a symbolic link is never a slot"))
+            elif not entry.is_dir():
+                strays.append((entry, "not a directory"))
+            else:
+                try:
+                    slots.append(SlotInfo.read(entry))
+                except IntegrityError as exc:
+                    strays.append((entry, exc.diagnostics()))
+        return sorted(slots, key=lambda s: s.seq), strays
 
     def current(self) -> SlotInfo | None:
+        """The active slot; None before the first install. Raises IntegrityError when
+        ``current`` is anything but a symlink to one of the valid slots."""
         link = self._paths.current
         if not link.is_symlink():
+            if link.exists():
+                raise IntegrityError(f"{link} is not a symbolic link to a slot; {REPAIR}")
             return None
-        target = self._paths.root / link.readlink()
-        return SlotInfo.read(target)
+        problem = self.current_problem()
+        if problem is not None:
+            raise IntegrityError(f"{problem}; {REPAIR}")
+        target = str(link.readlink())
+        return next(s for s in self.list() if s.id == target.removeprefix("slots/"))
+
+    def current_problem(self) -> str | None:
+        """What is wrong with ``current``, or None (also when there is none yet)."""
+        link = self._paths.current
+        if not link.is_symlink():
+            return f"{link.name} is not a symbolic link" if link.exists() else None
+        target = str(link.readlink())
+        directory, _, name = target.partition("/")
+        if directory != "slots" or name in {"", ".", ".."} or "/" in name:
+            return f"current points at {quote(target)}, outside slots/"
+        if name not in {s.id for s in self.scan()[0]}:
+            return f"current points at {quote(target)}, which is missing or not a valid slot"
+        return None
 
     def new_staging(self, slot: str) -> Path:
         staging = self._paths.staging / slot
@@ -144,6 +224,30 @@ class SlotStore:
             fsync_dir(self._paths.slots)
             remove_tree(trash)
         return removed
+
+    def set_aside(self, entry: Path) -> str:
+        """Take a stray entry out of ``slots/``: a symlink is removed (only the link), anything
+        else is moved into ``quarantine/`` for the operator to inspect. Returns what was done."""
+        if entry.is_symlink():
+            entry.unlink()
+            fsync_dir(entry.parent)
+            return f"removed the symbolic link slots/{entry.name}"
+        quarantine = self._paths.root / "quarantine"
+        quarantine.mkdir(exist_ok=True)
+        target = quarantine / entry.name
+        suffix = 1
+        while target.exists() or target.is_symlink():
+            suffix += 1
+            target = quarantine / f"{entry.name}.{suffix}"
+        entry.rename(target)
+        fsync_dir(entry.parent)
+        fsync_dir(quarantine)
+        return f"moved slots/{entry.name} to quarantine/{target.name}"
+
+    def deactivate(self) -> None:
+        """Remove ``current`` (no valid slot to point it at)."""
+        self._paths.current.unlink(missing_ok=True)
+        fsync_dir(self._paths.root)
 
     def recover(self) -> builtins.list[str]:
         """Clean what an interrupted operation left: staging, trash, temporary files."""

@@ -25,9 +25,10 @@ from typing import Any
 import pytest
 from simulator import Host, header_offsets
 
-from appliance import installer
+from appliance import staging
 from appliance.bundle import Limits, open_bundle, read_head
-from appliance.installer import Appliance, CopyingSink, InstallOptions, StagingSink
+from appliance.installer import Appliance, InstallOptions
+from appliance.staging import CopyingSink, StagingSink
 from appliance.tarstream import BLOCK, TarReader
 from signing.errors import FormatError, PayloadError
 
@@ -64,14 +65,14 @@ class Spy:
 @pytest.fixture
 def spy(monkeypatch: pytest.MonkeyPatch) -> Spy:
     recorder = Spy()
-    original = installer._payload_sink
+    original = staging.payload_sink
 
     def recording(payload_dir: Path, stream: io.FileIO, limits: Limits) -> Any:
         sink = original(payload_dir, stream, limits)
         recorder.sinks.append(sink)
         return sink
 
-    monkeypatch.setattr(installer, "_payload_sink", recording)
+    monkeypatch.setattr(staging, "payload_sink", recording)
     return recorder
 
 
@@ -312,14 +313,14 @@ def test_interrupt_mid_copy_removes_staging(
 
 def test_the_fsync_thread_leaves_signals_to_the_main_thread(host: Host, bundle: bytes) -> None:
     seen: list[set[int]] = []
-    real = installer._leave_signals_to_the_main_thread
+    real = staging.leave_signals_to_the_main_thread
 
     def recording() -> None:
         real()
         seen.append(set(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(installer, "_leave_signals_to_the_main_thread", recording)
+        patch.setattr(staging, "leave_signals_to_the_main_thread", recording)
         install(host, bundle)
     assert seen and all({signal.SIGINT, signal.SIGTERM} <= s for s in seen)
 
@@ -427,12 +428,12 @@ def verify_refusal(host: Host, data: bytes, *, source: str) -> str:
     return f"{type(info.value).__name__}: {info.value}"
 
 
-@pytest.mark.parametrize("piece", [1000, 3000, installer.READ_AHEAD_BYTES])
+@pytest.mark.parametrize("piece", [1000, 3000, staging.READ_AHEAD_BYTES])
 def test_verify_reads_ahead_from_a_file_and_refuses_as_the_pipe_does(
     host: Host, bundle: bytes, monkeypatch: pytest.MonkeyPatch, piece: int
 ) -> None:
     used: list[str] = []
-    real = installer._verify_sink
+    real = staging.verify_sink
 
     def recording(stream: io.FileIO, limits: Limits) -> Any:
         manager = real(stream, limits)
@@ -441,8 +442,8 @@ def test_verify_reads_ahead_from_a_file_and_refuses_as_the_pipe_does(
         manager.__exit__(None, None, None)
         return real(stream, limits)
 
-    monkeypatch.setattr(installer, "READ_AHEAD_BYTES", piece)
-    monkeypatch.setattr(installer, "_verify_sink", recording)
+    monkeypatch.setattr(staging, "READ_AHEAD_BYTES", piece)
+    monkeypatch.setattr(staging, "verify_sink", recording)
     verified = Appliance(host.root).verify(str(host.write(bundle)))
     assert verified.manifest.name == "demo"
     for name, data in _cases(bundle).items():

@@ -6,7 +6,12 @@ the generated text on success; one line on stderr and a non-zero status on failu
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 from appliance.runtime.base import SamplingParams
@@ -17,7 +22,27 @@ PROMPT = "Hello"
 TOKENS = 4
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_the_installer() -> None:
+    """Ask Linux to SIGKILL this child when the installer dies, however it dies (kill -9
+    included): a health check must never outlive the install it belongs to. An installer that
+    is stopped by SIGTERM or Ctrl-C kills this child itself (subprocess.run)."""
+    parent = os.getppid()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the installer died before the request took effect
+        os._exit(1)
+
+
 def main(argv: list[str]) -> int:
+    _die_with_the_installer()
+    if os.environ.get("APPLIANCE_FAULT_INJECT") == "hang:health-check":  # docs/adr/0004
+        time.sleep(3600)
     if len(argv) != 1:
         sys.stderr.write("usage: python -m appliance.runtime.healthcheck SLOT\n")
         return 2
