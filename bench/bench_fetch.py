@@ -34,7 +34,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from builder.artifacts import Artifact  # noqa: E402
-from builder.fetch import Cache, fetch_all, sha256_file  # noqa: E402
+from builder.cache import Cache, sha256_file  # noqa: E402
+from builder.fetch import fetch_all  # noqa: E402
 
 DEFAULT_WORKDIR = REPO / "bench" / "out" / "fetch-work"
 DEFAULT_OUT = REPO / "bench" / "out" / "fetch.md"

@@ -1,9 +1,10 @@
 """What every environment lock resolves to, whatever its kind: a list of artifacts to fetch.
 
-The pip and conda lock readers (builder.pipenv, builder.condaenv) turn a lock into
-:class:`Artifact` values for the recipe's target platform; builder.fetch downloads them into
-the content-addressed cache, checking each against ``sha256`` before it is used; the build puts
-them in the bundle. Nothing downstream of the lock readers knows which kind of lock it was.
+The pip and conda lock readers (builder.pipread with builder.wheels, builder.condaenv) turn a
+lock into :class:`Artifact` values for the recipe's target platform; builder.fetch downloads
+them into the content-addressed cache (builder.cache), checking each against ``sha256`` before
+it is used; the build puts them in the bundle. Nothing downstream of the lock readers knows
+which kind of lock it was.
 """
 
 from __future__ import annotations
@@ -38,3 +39,8 @@ class Artifact:
             raise ValueError(f"artifact file name {self.filename!r} is not a plain file name")
         if len(self.sha256) != 64:
             raise ValueError(f"artifact {self.filename}: sha256 must be 64 hex digits")
+
+
+def describe(artifact: Artifact) -> str:
+    """``package numpy 2.4.6 (numpy-2.4.6-....whl)``: how every message names an artifact."""
+    return f"package {artifact.name} {artifact.version} ({artifact.filename})"

@@ -110,7 +110,7 @@ def build_bundle(
 ) -> BundleManifest:
     recipe, _ = load_recipe(recipe_path)
     created = build_time()
-    model = resolve_model(recipe_path, recipe, say=say)
+    model = resolve_model(recipe, say=say)
     files, model_path = collect_payload(recipe_path, model.source_path, model.digests)
     with tempfile.TemporaryDirectory(prefix="appliance-build-") as tmp:
         work = Path(tmp)

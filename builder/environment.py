@@ -4,10 +4,11 @@ This is the orchestration behind ``appliance-builder lock`` and ``build`` (docs/
 
 1. the lock: read the committed lock (``build`` refuses an environment without one unless
    ``--lock`` is given, which makes it first);
-2. select the artifacts for the *target* platform and Python (builder.pipenv, builder.condaenv);
-3. fetch them by hash into the content-addressed cache (builder.fetch);
-4. build the allowed sdists into wheels on the builder (pip only), cached by sdist hash and
-   build settings so that a rebuild does not compile again;
+2. select the artifacts for the *target* platform and Python (builder.pipread and
+   builder.wheels, builder.condaenv);
+3. fetch them by hash into the content-addressed cache (builder.fetch, builder.cache);
+4. build the allowed sdists into wheels on the builder (pip only, builder.sdist), cached by
+   sdist hash and build settings so that a rebuild does not compile again;
 5. write the install list the host installs from, and describe everything for the manifest
    (``EnvironmentSpec``) and the SBOM.
 
@@ -25,18 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder.artifacts import Artifact
+from builder.cache import Cache
 from builder.condaenv import conda_install_list, load_conda_artifacts, lock_conda
-from builder.fetch import Cache, fetch_all
+from builder.fetch import fetch_all
 from builder.hub import fetch_hub_model
 from builder.pack import PayloadFile
-from builder.pipenv import (
-    build_wheels,
-    load_pip_lock,
-    lock_pip,
-    pip_install_list,
-    select_pip_artifacts,
-)
+from builder.piplock import lock_pip
+from builder.pipread import load_pip_lock
 from builder.recipe import CondaEnvironment, PipEnvironment, Recipe
+from builder.sdist import build_wheels
+from builder.wheels import pip_install_list, select_pip_artifacts
 from signing.errors import LockError, RecipeError
 from signing.manifest import EnvironmentSpec, ModelSource
 
@@ -297,11 +296,12 @@ class ResolvedModel:
     digests: Mapping[str, str] = field(default_factory=dict)
 
 
-def resolve_model(recipe_path: Path, recipe: Recipe, *, say: Say = lambda _: None) -> ResolvedModel:
-    """A local ``path`` as it is; a hub ``repo_id`` fetched at its revision's commit."""
+def resolve_model(recipe: Recipe, *, say: Say = lambda _: None) -> ResolvedModel:
+    """A local ``path`` as it is (anchored at the recipe by load_recipe); a hub ``repo_id``
+    fetched at its revision's commit."""
     model = recipe.model
     if model.path is not None:
-        return ResolvedModel(recipe_path.parent / model.path, None)
+        return ResolvedModel(Path(model.path), None)
     fetched = fetch_hub_model(model)
     if fetched.resolved:
         say(f"model {fetched.repo_id}: revision {model.revision} resolved to {fetched.commit}")

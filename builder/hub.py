@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from builder.fetch import default_cache_root
+from builder.cache import default_cache_root
 from builder.recipe import ModelSection
 from signing.errors import ArtifactError, FetchError, InputError
 from signing.manifest import check_relative_path

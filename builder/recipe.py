@@ -2,6 +2,11 @@
 
 Unknown keys are errors, never ignored: a misspelt ``gpu_layer`` silently doing nothing is
 exactly the kind of surprise an operator finds out about on the isolated host, too late.
+
+Paths in a recipe (``model.path``, an environment's ``lock``, ``requirements_file`` and local
+``find_links``) are relative to the recipe file. :func:`load_recipe` resolves them once
+(:meth:`Recipe.anchored`), so that nothing downstream (the lockers, the lock readers, the
+build) joins a path to the recipe's directory on its own.
 """
 
 from __future__ import annotations
@@ -9,12 +14,14 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -26,6 +33,32 @@ from signing.manifest import BundleManifest
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class _Anchored(_Section):
+    """A section whose relative paths are relative to the recipe file, until :meth:`anchored`
+    resolves them (once: anchoring an anchored section again returns it unchanged)."""
+
+    _recipe_path: Path | None = PrivateAttr(default=None)
+
+    def anchored(self, recipe_path: Path) -> Self:
+        """This section with its recipe-relative paths resolved against ``recipe_path``."""
+        if self._recipe_path is not None:
+            return self
+        anchored = self.model_copy(update=self._resolved_paths(recipe_path))
+        anchored._recipe_path = recipe_path
+        return anchored
+
+    def _resolved_paths(self, recipe_path: Path) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def find_links_entry(link: str, base: Path) -> str:
+    """A find-links entry as the lockers use it: URLs unchanged, a local directory made
+    absolute against ``base``."""
+    if urlsplit(link).scheme in ("http", "https", "file"):
+        return link
+    return str((base / link).resolve())
 
 
 class BundleSection(_Section):
@@ -44,7 +77,7 @@ class BundleSection(_Section):
         return value
 
 
-class ModelSection(_Section):
+class ModelSection(_Anchored):
     """A local file or directory (``path``), or files of a model hub repo at a revision."""
 
     path: str | None = Field(default=None, min_length=1)
@@ -62,12 +95,15 @@ class ModelSection(_Section):
             raise ValueError("'revision' and 'files' go with 'repo_id', not with 'path'")
         return self
 
+    def _resolved_paths(self, recipe_path: Path) -> dict[str, Any]:
+        return {} if self.path is None else {"path": str(recipe_path.parent / self.path)}
+
 
 _MODULE = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 _PYTHON = r"^3\.[0-9]{1,2}$"
 
 
-class _Environment(_Section):
+class _Environment(_Anchored):
     """What both kinds of environment have: the lock file and the modules to smoke-import."""
 
     lock: str | None = None
@@ -80,6 +116,20 @@ class _Environment(_Section):
             if not re.fullmatch(_MODULE, module):
                 raise ValueError(f"{module!r} is not a module name")
         return value
+
+    def lock_path(self, recipe_path: Path) -> Path:
+        """Where ``lock`` writes and ``build`` reads: ``lock`` (relative to the recipe), else
+        a default name next to the recipe. An anchored environment has it already."""
+        if self._recipe_path is not None and self.lock is not None:
+            return Path(self.lock)
+        lock = self.lock if self.lock is not None else self._default_lock_name(recipe_path)
+        return recipe_path.parent / lock
+
+    def _resolved_paths(self, recipe_path: Path) -> dict[str, Any]:
+        return {"lock": str(self.lock_path(recipe_path))}
+
+    def _default_lock_name(self, recipe_path: Path) -> str:
+        raise NotImplementedError
 
 
 class PipEnvironment(_Environment):
@@ -105,13 +155,18 @@ class PipEnvironment(_Environment):
             raise ValueError("give 'requirements', 'requirements_file' or an existing 'lock'")
         return self
 
-    def lock_path(self, recipe_path: Path) -> Path:
-        """Where ``lock`` writes and ``build`` reads: ``lock``, else ``pylock.<recipe>.toml``
-        (PEP 751 names lock files ``pylock.<name>.toml``, with no dots in the name)."""
-        if self.lock is not None:
-            return recipe_path.parent / self.lock
-        name = re.sub(r"[^A-Za-z0-9_-]+", "-", recipe_path.stem)
-        return recipe_path.with_name(f"pylock.{name}.toml")
+    def _default_lock_name(self, recipe_path: Path) -> str:
+        """``pylock.<recipe>.toml``: PEP 751 names lock files ``pylock.<name>.toml``, with no
+        dots in the name."""
+        return f"pylock.{re.sub(r'[^A-Za-z0-9_-]+', '-', recipe_path.stem)}.toml"
+
+    def _resolved_paths(self, recipe_path: Path) -> dict[str, Any]:
+        base = recipe_path.parent
+        paths = super()._resolved_paths(recipe_path)
+        paths["find_links"] = [find_links_entry(link, base) for link in self.find_links]
+        if self.requirements_file is not None:
+            paths["requirements_file"] = str(base / self.requirements_file)
+        return paths
 
 
 class CondaEnvironment(_Environment):
@@ -131,11 +186,8 @@ class CondaEnvironment(_Environment):
             raise ValueError("give 'specs' and 'channels', or an existing 'lock'")
         return self
 
-    def lock_path(self, recipe_path: Path) -> Path:
-        """Where ``lock`` writes and ``build`` reads: ``lock``, else ``<recipe>.conda-lock.yml``."""
-        if self.lock is not None:
-            return recipe_path.parent / self.lock
-        return recipe_path.with_name(f"{recipe_path.stem}.conda-lock.yml")
+    def _default_lock_name(self, recipe_path: Path) -> str:
+        return f"{recipe_path.stem}.conda-lock.yml"
 
 
 class RuntimeSection(_Section):
@@ -146,7 +198,7 @@ class RuntimeSection(_Section):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = None
 
 
-class Recipe(_Section):
+class Recipe(_Anchored):
     bundle: BundleSection
     model: ModelSection
     runtime: RuntimeSection
@@ -158,9 +210,17 @@ class Recipe(_Section):
         """Runtime settings as carried in the signed manifest (unset keys left out)."""
         return self.runtime.model_dump(exclude_none=True)
 
+    def _resolved_paths(self, recipe_path: Path) -> dict[str, Any]:
+        env = self.environment
+        return {
+            "model": self.model.anchored(recipe_path),
+            "environment": None if env is None else env.anchored(recipe_path),
+        }
+
 
 def load_recipe(path: Path) -> tuple[Recipe, bytes]:
-    """Parse and validate a recipe; return it with its exact bytes (they go into the bundle)."""
+    """Parse and validate a recipe; return it, anchored at ``path`` (its relative paths
+    resolved), with its exact bytes (they go into the bundle)."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -170,7 +230,7 @@ def load_recipe(path: Path) -> tuple[Recipe, bytes]:
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise RecipeError(f"recipe {path}: not valid TOML: {exc}") from None
     try:
-        return Recipe.model_validate(data), raw
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = list(first["loc"])
@@ -182,3 +242,4 @@ def load_recipe(path: Path) -> tuple[Recipe, bytes]:
         if first["type"] == "missing":
             raise RecipeError(f"recipe {path}: missing key '{where}'") from None
         raise RecipeError(f"recipe {path}: '{where}': {first['msg']}") from None
+    return recipe.anchored(path), raw

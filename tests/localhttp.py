@@ -4,7 +4,8 @@ channels and a model hub, all served from files the tests made.
 ``LocalServer(root)`` serves the files under ``root`` (GET and HEAD, with single-range
 ``Range`` requests, so resumed downloads are real), plus any routes a test adds with
 :meth:`LocalServer.route`. Faults are injected per path with :meth:`LocalServer.fail`:
-an HTTP status a number of times, a connection cut after some bytes, or bytes served flipped.
+an HTTP status a number of times, a connection cut after some bytes, bytes served flipped, or
+a body of unannounced length (no ``Content-Length``; it ends when the connection closes).
 Every request is logged in :attr:`LocalServer.requests` as ``(method, path, range header)``.
 
 Use it as a context manager, or through the ``local_server`` fixture in conftest.py.
@@ -31,6 +32,7 @@ class Fault:
     status: int | None = None  # answer this status instead of the file
     cut_after: int | None = None  # send this many body bytes, then drop the connection
     corrupt: bool = False  # flip one byte of the body
+    no_length: bool = False  # no Content-Length: the body ends when the connection closes
     times: int = 1  # how many requests it applies to (-1: all)
 
 
@@ -148,7 +150,11 @@ class LocalServer:
                 for key, value in headers.items():
                     self.send_header(key, value)
                 self.send_header("Accept-Ranges", "bytes")
-                self.send_header("Content-Length", str(len(payload)))
+                if fault is not None and fault.no_length:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                else:
+                    self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 if not body:
                     return

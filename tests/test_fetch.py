@@ -20,7 +20,8 @@ import pytest
 from localhttp import Fault, LocalServer
 
 from builder.artifacts import Artifact
-from builder.fetch import CACHE_ENV, Cache, fetch_all, fetch_one
+from builder.cache import CACHE_ENV, Cache
+from builder.fetch import fetch_all, fetch_one
 from signing.errors import ArtifactError, FetchError, InputError
 
 FAST = {"backoff": 0.01, "progress": False}

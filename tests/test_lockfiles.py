@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from packaging.utils import canonicalize_name
 
-from builder.pipenv import load_pip_lock, select_pip_artifacts
+from builder.pipread import load_pip_lock
 from builder.recipe import PipEnvironment, load_recipe
+from builder.wheels import select_pip_artifacts
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCKS = sorted((ROOT / "lockfiles").glob("pylock.*.toml"))

@@ -24,18 +24,11 @@ from pkgfactory import make_sdist, make_wheel
 from uv import find_uv_bin
 
 from builder.artifacts import Artifact
-from builder.pipenv import (
-    TOOL_KEY,
-    LockedFile,
-    LockedPackage,
-    build_wheels,
-    load_pip_lock,
-    lock_pip,
-    pip_install_list,
-    select_pip_artifacts,
-    target_tags,
-    uv_python_platform,
-)
+from builder.piplock import lock_pip, uv_python_platform
+from builder.pipread import TOOL_KEY, load_pip_lock
+from builder.sdist import build_wheels
+from builder.target import target_tags
+from builder.wheels import LockedFile, LockedPackage, pip_install_list, select_pip_artifacts
 from signing.errors import ArtifactError, FetchError, LockError
 
 PY = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -639,7 +632,8 @@ def test_pip_install_list_is_sorted_and_deterministic() -> None:
 @pytest.mark.online
 def test_lock_and_fetch_a_small_set_from_pypi(recipe: Path, uv_cache: Path, tmp_path: Path) -> None:
     """The real registry: lock for the target, fetch by hash, install offline from the files."""
-    from builder.fetch import Cache, fetch_all
+    from builder.cache import Cache
+    from builder.fetch import fetch_all
 
     env = pip_env(requirements=["six==1.16.0", "typing-extensions==4.16.0"])
     lock = lock_pip(recipe, env, cache_dir=uv_cache)
