@@ -1,6 +1,6 @@
 """Verify, install and roll back bundles on the host (the I/O orchestrator).
 
-The pure core (appliance.bundle, appliance.verifier) decides what is true; this module owns the
+The pure core (signing.bundle, appliance.verifier) decides what is true; this module owns the
 bundle stream, the disk, the slots, the lock and the audit log, and cites the numbered steps of
 docs/bundle-format.md. Where the payload bytes go, and on which threads, is
 appliance.staging's concern. Every outcome, refusals, interrupts and bugs included, is written
@@ -24,15 +24,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from appliance import staging
-from appliance.bundle import BundleHead, Limits, open_bundle, read_head, stream_payload
 from appliance.fsutil import atomic_write
 from appliance.host import HostPaths, HostState, HostTime, Trial, check_signing_time, host_time
 from appliance.lock import HostLock
 from appliance.outcome import OK, audited
 from appliance.slots import BUNDLE_DIR, PAYLOAD_DIR, SLOT_META, SlotInfo, SlotStore, slot_id
-from appliance.tarstream import TarReader
 from appliance.trust import TrustStore
 from appliance.verifier import VerifiedManifest, check_version, verify_head
+from signing.bundle import BundleHead, Limits, open_bundle, read_head, stream_payload
 from signing.canonical import encode_canonical, format_time, parse_time
 from signing.errors import (
     ActivatedError,
@@ -43,6 +42,7 @@ from signing.errors import (
     StateError,
 )
 from signing.manifest import BundleManifest
+from signing.tarstream import TarReader
 
 if TYPE_CHECKING:
     from appliance.environment import setup_environment

@@ -23,11 +23,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
-from appliance.bundle import DiscardSink, Limits
 from appliance.fsutil import fsync_dir
-from appliance.tarstream import TarReader
+from signing.bundle import DiscardSink, Limits
 from signing.errors import StateError
 from signing.manifest import Entry
+from signing.tarstream import TarReader
 
 
 class StagingSink:

@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 
-from appliance.bundle import BundleHead
+from signing.bundle import BundleHead
 from signing.canonical import format_time
 from signing.errors import ExpiredError, PolicyError
 from signing.manifest import BundleManifest, decode_signature_block

@@ -54,8 +54,8 @@ from bench_bundle import (
 )
 
 import appliance.installer as installer_module
-from appliance.bundle import Limits
 from appliance.installer import Appliance, InstallOptions, StagingSink
+from signing.bundle import Limits
 
 _SYNC_FILE_RANGE_WRITE = 2
 # Step I7 (health check) loads the model: random weights cannot load, and loading is no part

@@ -33,7 +33,7 @@ from pathlib import Path
 from profile_install import ExperimentSink
 
 import appliance.installer as installer_module
-from appliance.bundle import Limits
+from signing.bundle import Limits
 
 PROPOSED_CHUNK = 256 << 10
 

@@ -9,19 +9,14 @@ from typing import NoReturn
 
 import click
 
-from appliance.bundle import Limits, open_bundle, read_head
 from appliance.console import ByteProgress, emit_json, parse_cli_time, run_cli
+from builder.keyfiles import load_public_key, load_signing_key, write_key_pair
 from builder.pack import DEFAULT_SIGNATURE_SPACE, cosign_in_place
 from builder.tinymodel import write_tiny_llama
+from signing.bundle import Limits, open_bundle, read_head
 from signing.canonical import format_time
 from signing.errors import FormatError, InputError
-from signing.keys import (
-    PublicKey,
-    SigningKey,
-    load_public_key,
-    load_signing_key,
-    write_key_pair,
-)
+from signing.keys import PublicKey, SigningKey
 from signing.manifest import BundleManifest, decode_signature_block
 from signing.metadata import (
     BUNDLE_ROLE,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final
 
-from appliance.bundle import (
+from signing.bundle import (
     FORMAT_MAGIC,
     FORMAT_MEMBER,
     MANIFEST_MEMBER,
@@ -28,7 +28,6 @@ from appliance.bundle import (
     open_bundle,
     read_head,
 )
-from appliance.tarstream import BLOCK, padded
 from signing.errors import InputError
 from signing.keys import SigningKey
 from signing.manifest import (
@@ -37,6 +36,7 @@ from signing.manifest import (
     encode_signature_block,
 )
 from signing.metadata import Signature
+from signing.tarstream import BLOCK, padded
 
 DEFAULT_SIGNATURE_SPACE: Final = 16 * 1024
 _COPY_CHUNK: Final = 1 << 20

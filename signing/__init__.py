@@ -2,7 +2,9 @@
 
 Shared by both halves of the appliance (``builder`` signs, ``appliance`` verifies) and imports
 neither. It is pure: bytes in, frozen typed objects out, and an exception from
-:mod:`signing.errors` on anything doubtful. Only :mod:`signing.keys` touches files.
+:mod:`signing.errors` on anything doubtful. It also holds the bundle format both halves
+share: the strict tar reader (:mod:`signing.tarstream`) and the bundle reader
+(:mod:`signing.bundle`). Key files are the builder's (builder/keyfiles.py).
 """
 
 from signing.canonical import (
@@ -33,10 +35,6 @@ from signing.keys import (
     KEY_TYPE,
     PublicKey,
     SigningKey,
-    load_public_key,
-    load_signing_key,
-    public_key_path,
-    write_key_pair,
 )
 from signing.metadata import (
     BUNDLE_ROLE,
@@ -82,10 +80,6 @@ __all__ = [
     "KEY_TYPE",
     "PublicKey",
     "SigningKey",
-    "load_public_key",
-    "load_signing_key",
-    "public_key_path",
-    "write_key_pair",
     # metadata and threshold signatures
     "BUNDLE_ROLE",
     "ROOT_ROLE",

@@ -27,7 +27,8 @@ from typing import Any
 
 import pytest
 
-from signing.keys import SigningKey, write_key_pair
+from builder.keyfiles import write_key_pair
+from signing.keys import SigningKey
 
 DAY = 86_400
 MIB = 1 << 20

@@ -6,7 +6,7 @@ over every byte, so that each attack test changes exactly ONE thing of an otherw
 bundle and re-signs (or deliberately does not).
 
 The bytes come from the same pieces the real builder uses (``builder.pack.tar_header``, the
-member names and format marker of ``appliance.bundle``, ``signing.manifest``'s signature
+member names and format marker of ``signing.bundle``, ``signing.manifest``'s signature
 block); ``test_attacks.test_simulator_matches_the_builder`` proves that an unmodified
 simulated bundle is byte-identical to ``builder.pack.write_bundle``'s output.
 
@@ -32,20 +32,20 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Final
 
-from appliance.bundle import (
+from appliance.installer import Appliance, InstallOptions
+from appliance.slots import SlotInfo
+from builder.pack import DEFAULT_SIGNATURE_SPACE, tar_header
+from signing.bundle import (
     FORMAT_MAGIC,
     FORMAT_MEMBER,
     MANIFEST_MEMBER,
     PAYLOAD_PREFIX,
     SIGNATURES_MEMBER,
 )
-from appliance.installer import Appliance, InstallOptions
-from appliance.slots import SlotInfo
-from appliance.tarstream import BLOCK, padded
-from builder.pack import DEFAULT_SIGNATURE_SPACE, tar_header
 from signing.keys import SigningKey
 from signing.manifest import BundleManifest, Entry, EnvironmentSpec, encode_signature_block
 from signing.metadata import BUNDLE_ROLE, ROOT_ROLE, Role, Root, Signature, SignedRoot, sign_root
+from signing.tarstream import BLOCK, padded
 
 USTAR_MAGIC: Final = b"ustar\x0000"
 GNU_MAGIC: Final = b"ustar  \x00"

@@ -50,10 +50,9 @@ from simulator import (
     ustar_header,
 )
 
-from appliance.bundle import Limits, open_bundle, read_head
 from appliance.installer import InstallOptions
-from appliance.tarstream import BLOCK, padded
 from builder.pack import write_bundle
+from signing.bundle import Limits, open_bundle, read_head
 from signing.canonical import encode_canonical, format_time
 from signing.errors import (
     AirgapError,
@@ -67,6 +66,7 @@ from signing.errors import (
 )
 from signing.keys import SigningKey
 from signing.manifest import BundleManifest, Entry
+from signing.tarstream import BLOCK, padded
 from signing.threshold import short_keyid
 
 V2 = "2.0.0"

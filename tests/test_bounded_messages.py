@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from simulator import BundleSimulator, Host, Member, assemble, ustar_header
 
-from appliance.bundle import Limits, open_bundle, read_head
 from signing.bounded import MAX_ITEMS, MAX_LINE, MAX_QUOTED, clip, listing, quote
+from signing.bundle import Limits, open_bundle, read_head
 from signing.canonical import decode_canonical, encode_canonical
 from signing.errors import AirgapError, FormatError, InputError, RotationError, SignatureError
 from signing.manifest import BundleManifest, decode_signature_block, encode_signature_block

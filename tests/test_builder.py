@@ -25,8 +25,8 @@ from helpers_cli import (
     write_recipe,
 )
 
-from appliance.bundle import Limits, open_bundle, read_head
-from signing.keys import load_public_key
+from builder.keyfiles import load_public_key
+from signing.bundle import Limits, open_bundle, read_head
 
 
 @pytest.fixture(scope="module")

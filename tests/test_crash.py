@@ -32,7 +32,7 @@ from helpers_cli import (
     wait_for,
 )
 
-from appliance.bundle import Limits, open_bundle, read_head
+from signing.bundle import Limits, open_bundle, read_head
 
 S1 = slot_name(1, "1.0.0")
 S2 = slot_name(2, "2.0.0")

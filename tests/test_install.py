@@ -36,7 +36,7 @@ from helpers_cli import (
     write_recipe,
 )
 
-from appliance.bundle import Limits, open_bundle, read_head
+from signing.bundle import Limits, open_bundle, read_head
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_install_three_keep_two_status_and_rollback(tmp_path: Path, world: World
 
 
 def world_signer_ids(world: World) -> list[str]:
-    from signing.keys import load_public_key
+    from builder.keyfiles import load_public_key
 
     return sorted(load_public_key(Path(f"{k}.pub")).keyid for k in world.signers)
 

@@ -26,11 +26,11 @@ import pytest
 from simulator import Host, header_offsets
 
 from appliance import staging
-from appliance.bundle import Limits, open_bundle, read_head
 from appliance.installer import Appliance, InstallOptions
 from appliance.staging import CopyingSink, StagingSink
-from appliance.tarstream import BLOCK, TarReader
+from signing.bundle import Limits, open_bundle, read_head
 from signing.errors import FormatError, PayloadError
+from signing.tarstream import BLOCK, TarReader
 
 OPTIONS = InstallOptions(skip_health_check=True)
 # Small windows and chunks, so a member spans several windows and each window several chunks.

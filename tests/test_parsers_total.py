@@ -36,11 +36,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from simulator import BundleSimulator, Host, make_keys
 
-from appliance.bundle import BundleHead
 from appliance.verifier import verify_head
 from builder.artifacts import Artifact
 from builder.sbom import FileRecord, make_sbom
 from signing.bounded import MAX_LINE
+from signing.bundle import BundleHead
 from signing.canonical import MAX_INT, MIN_INT, encode_canonical
 from signing.errors import AirgapError, FormatError
 from signing.manifest import (

@@ -11,16 +11,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
 
+from builder.keyfiles import load_public_key, load_signing_key, public_key_path, write_key_pair
 from signing.errors import FormatError, KeyFileError
-from signing.keys import (
-    KEY_TYPE,
-    PublicKey,
-    SigningKey,
-    load_public_key,
-    load_signing_key,
-    public_key_path,
-    write_key_pair,
-)
+from signing.keys import KEY_TYPE, PublicKey, SigningKey
 
 HINT = "give --passphrase or set APPLIANCE_KEY_PASSPHRASE"
 

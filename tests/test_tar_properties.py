@@ -1,6 +1,6 @@
 """Property tests of the strict tar reader and the manifest parser (hypothesis).
 
-Totality: whatever the input, ``appliance.tarstream.TarReader`` with ``appliance.bundle``'s
+Totality: whatever the input, ``signing.tarstream.TarReader`` with ``signing.bundle``'s
 ``read_head``/``stream_payload`` (and ``appliance.verifier.verify_head`` between them), and
 ``signing.manifest.BundleManifest.from_bytes``, either succeed or raise a
 ``signing.errors.AirgapError`` subclass: never IndexError, ValueError, UnicodeError, ...
@@ -37,9 +37,9 @@ from simulator import (
     ustar_header,
 )
 
-from appliance.bundle import DiscardSink, Limits, open_bundle, read_head, stream_payload
 from appliance.verifier import VerifiedManifest, verify_head
 from builder.pack import write_bundle
+from signing.bundle import DiscardSink, Limits, open_bundle, read_head, stream_payload
 from signing.canonical import MAX_INT, MIN_INT, encode_canonical
 from signing.errors import AirgapError, FormatError
 from signing.manifest import BACKENDS, DTYPES, BundleManifest, Entry

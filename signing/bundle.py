@@ -12,10 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol, runtime_checkable
 
-from appliance.tarstream import MemberHeader, ReadableStream, TarReader
 from signing.bounded import quote
 from signing.errors import FormatError, PayloadError
 from signing.manifest import BundleManifest, Entry, check_relative_path
+from signing.tarstream import MemberHeader, ReadableStream, TarReader
 
 FORMAT_MEMBER: Final = "format"
 FORMAT_MAGIC: Final = b"airgap-appliance-bundle 1\n"
