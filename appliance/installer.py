@@ -148,11 +148,18 @@ class Appliance:
         self.paths.ensure()
         with self.locked("install", override=options.assume_time):
             state, damage = self.load_state()
+            adopted: list[str] = []
+            if damage is None:
+                try:
+                    adopted = self.account_for_slots(state)
+                except AirgapError as exc:
+                    damage = exc
             clock = host_time(state, override=options.assume_time)
             extra: dict[str, Any] = {
                 "allow_downgrade": options.allow_downgrade or None,
                 "skip_health_check": options.skip_health_check or None,
                 "activated": False,
+                "adopted_slots": adopted or None,
             }
             with audited(self.audit, "install", clock, **extra) as record:
                 # I1: clean what a crashed operation left behind; check the host state that the
@@ -163,20 +170,6 @@ class Appliance:
                 if leftovers:
                     record["recovered"] = leftovers
                 previous = self.slots.current()
-                adopted = []
-                for slot in self.slots.list():
-                    # A slot state.json does not know was left by a crash between I8 and I10:
-                    # it is complete and verified, so it counts as installed, and the log says so.
-                    if slot.seq >= state.next_seq:
-                        adopted.append(slot.id)
-                    state.see_installed(
-                        name=slot.name,
-                        version=slot.version,
-                        seq=slot.seq,
-                        created=parse_time(slot.created, what=f"slot {slot.id} created"),
-                    )
-                if adopted:
-                    record["adopted_slots"] = adopted
                 return self._install_locked(
                     source,
                     options=options,
@@ -186,6 +179,25 @@ class Appliance:
                     record=record,
                     progress=progress,
                 )
+
+    def account_for_slots(self, state: HostState) -> list[str]:
+        """Account in ``state`` for every slot on disk; return those it did not know.
+
+        A slot state.json does not know was left by a crash between I8 and I10: it is complete
+        and verified, so it counts as installed (its version and signing time too: the clock's
+        floor must see it), and the audit record says so.
+        """
+        adopted = []
+        for slot in self.slots.list():
+            if slot.seq >= state.next_seq:
+                adopted.append(slot.id)
+            state.see_installed(
+                name=slot.name,
+                version=slot.version,
+                seq=slot.seq,
+                created=parse_time(slot.created, what=f"slot {slot.id} created"),
+            )
+        return adopted
 
     def _install_locked(
         self,

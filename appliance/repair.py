@@ -18,12 +18,9 @@ makes the smallest change that restores the invariants, and says each one in its
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from appliance.host import HostState, host_time
 from appliance.installer import Appliance
 from appliance.outcome import audited
-from signing.canonical import parse_time
 from signing.errors import IntegrityError
 
 
@@ -76,9 +73,7 @@ def _rebuild_state(app: Appliance, state: HostState) -> HostState:
         next_seq=state.next_seq,
         trial=state.trial,
     )
-    for slot in app.slots.list():
-        created: datetime = parse_time(slot.created, what=f"slot {slot.id} created")
-        rebuilt.see_installed(name=slot.name, version=slot.version, seq=slot.seq, created=created)
+    app.account_for_slots(rebuilt)
     if rebuilt.trial is not None and rebuilt.trial.slot not in {s.id for s in app.slots.list()}:
         rebuilt.trial = None
     return rebuilt
