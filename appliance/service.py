@@ -3,8 +3,10 @@
 The unit runs the appliance's own interpreter (the one installing it), so the service uses the
 same offline environment as the CLI. It is hardened the way a network-facing service on an
 isolated host should be: no new privileges, a read-only system except the appliance root, a
-private /tmp, no kernel tunables, only IP and Unix sockets. ``serve`` follows the ``current``
-link itself, so rollbacks and installs do not need a unit change.
+private /tmp, no kernel tunables, only IP and Unix sockets. ``LimitNOFILE`` lifts the open-file
+limit from the default 1,024, which ``serve`` divides among client connections
+(appliance/server/connections.py). ``serve`` follows the ``current`` link itself, so rollbacks
+and installs do not need a unit change.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ Type=exec
 Restart=on-failure
 RestartSec=5
 TimeoutStopSec=30
+LimitNOFILE=65536
 Environment=HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 NoNewPrivileges=yes
 PrivateTmp=yes

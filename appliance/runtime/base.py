@@ -37,6 +37,44 @@ class ContextLengthError(InputError):
         self.context = context
 
 
+class PromptTooLongError(ContextLengthError):
+    """The prompt has more bytes than the context's tokens can stand for: refused untokenized."""
+
+    def __init__(self, prompt_bytes: int, *, context: int, token_bytes: int) -> None:
+        # Not ContextLengthError's message: the token count is what was not computed.
+        InputError.__init__(
+            self,
+            f"this model's maximum context length is {context} tokens, and no token stands for "
+            f"more than {token_bytes} bytes of text, but the prompt has {prompt_bytes} bytes "
+            f"or more (at most {context * token_bytes} can fit)",
+        )
+        self.prompt_tokens = 0  # unknown: never tokenized
+        self.context = context
+
+
+def encode_prompt(text: str, *, context: int, token_bytes: int) -> bytes:
+    """``text`` as UTF-8 for a tokenizer, refused first if it cannot fit in ``context`` tokens.
+
+    ``token_bytes`` is the most bytes of text one token of the model stands for, so a text of
+    more than ``context * token_bytes`` bytes has more than ``context`` tokens whatever the
+    tokenizer makes of it: refusing it costs nothing, while tokenizing it can cost a great deal
+    (llama.cpp's tokenizer is quadratic on byte-fallback text: docs/adr/0009-server-limits.md).
+    Every backend encodes prompts and embedding inputs here, before it tokenizes them.
+    """
+    limit = context * token_bytes
+    if len(text) > limit:  # a character is at least one byte: no need to encode to know
+        raise PromptTooLongError(len(text), context=context, token_bytes=token_bytes)
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # the server refuses these earlier, naming the field
+        raise InputError(
+            f"the prompt is not valid Unicode text: a lone surrogate at character {exc.start}"
+        ) from None
+    if len(data) > limit:
+        raise PromptTooLongError(len(data), context=context, token_bytes=token_bytes)
+    return data
+
+
 @dataclass(frozen=True)
 class RuntimeSettings:
     """What the signed manifest's ``runtime`` table says, resolved against the slot."""
@@ -117,12 +155,15 @@ class Backend(Protocol):
     def format_chat(self, messages: Sequence[ChatMessage]) -> str:
         """The prompt for a chat, by the model's own chat template when it has one."""
 
-    def count_tokens(self, text: str) -> int: ...
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text``; ContextLengthError, untokenized, if it cannot fit the context."""
 
     def generate(self, prompt: str, params: SamplingParams) -> Generation:
-        """Start generating; raises ContextLengthError before any work if it cannot fit."""
+        """Start generating; raises ContextLengthError before any work if it cannot fit (a
+        prompt longer than the context can hold is refused before it is tokenized)."""
 
-    def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """One vector per text; ContextLengthError, untokenized, for a text that cannot fit."""
 
     def close(self) -> None: ...
 
@@ -137,6 +178,8 @@ __all__ = [
     "Generation",
     "GenerationChunk",
     "ModelError",
+    "PromptTooLongError",
     "RuntimeSettings",
     "SamplingParams",
+    "encode_prompt",
 ]

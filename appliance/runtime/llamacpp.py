@@ -17,6 +17,7 @@ GPU: with ``gpu_layers`` unset, every layer is offloaded when this llama.cpp bui
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import threading
@@ -33,6 +34,7 @@ from appliance.runtime.base import (
     GenerationChunk,
     RuntimeSettings,
     SamplingParams,
+    encode_prompt,
 )
 from signing.errors import ModelError
 
@@ -67,6 +69,21 @@ class GGUFChatTemplate:
         return str(self._formatter(messages=chat).prompt)
 
 
+def longest_token_bytes(llama_cpp: Any, vocab: Any) -> int:
+    """The most bytes of text that one token of ``vocab`` stands for.
+
+    Special tokens count with their text: prompts are tokenized with ``special=True``, so
+    ``<s>`` written in a prompt becomes that one token. One pass over the vocabulary at load
+    (a few hundred thousand calls for the largest ones).
+    """
+    buffer = ctypes.create_string_buffer(256)
+    longest = 1
+    for token in range(int(llama_cpp.llama_vocab_n_tokens(vocab))):
+        size = int(llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, True))
+        longest = max(longest, abs(size))  # negative: the piece needs -size bytes
+    return longest
+
+
 def resolve_gpu_layers(settings: RuntimeSettings, llama_cpp: Any) -> int:
     if settings.gpu_layers is not None:
         return settings.gpu_layers
@@ -99,6 +116,9 @@ class LlamaCppBackend:
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelError(f"llama.cpp cannot load {settings.model_path}: {exc}") from None
         self._context = int(first.n_ctx())
+        self._token_bytes = longest_token_bytes(
+            llama_cpp, llama_cpp.llama_model_get_vocab(first.model)
+        )
         self._chat = GGUFChatTemplate(first)
         self._embedder: Any = None
         self._embed_lock = threading.Lock()
@@ -120,13 +140,15 @@ class LlamaCppBackend:
         return self._chat.format(messages)
 
     def count_tokens(self, text: str) -> int:
+        data = self._encode(text)
         with self._context_from_pool() as llama:
-            return len(llama.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+            return len(llama.tokenize(data, add_bos=True, special=True))
 
     def generate(self, prompt: str, params: SamplingParams) -> Generation:
+        data = self._encode(prompt)
         llama = self._pool.get()
         try:
-            tokens = llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+            tokens = llama.tokenize(data, add_bos=True, special=True)
         except BaseException:
             self._pool.put(llama)
             raise
@@ -169,6 +191,8 @@ class LlamaCppBackend:
             self._pool.put(llama)
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        for text in texts:
+            self._encode(text)
         with self._embed_lock:
             if self._embedder is None:
                 self._embedder = self._llama_cpp.Llama(
@@ -187,6 +211,9 @@ class LlamaCppBackend:
                 break
         if self._embedder is not None:
             self._embedder.close()
+
+    def _encode(self, text: str) -> bytes:
+        return encode_prompt(text, context=self._context, token_bytes=self._token_bytes)
 
     @contextmanager
     def _context_from_pool(self) -> Iterator[Any]:

@@ -52,8 +52,14 @@ from appliance.runtime.base import (
     GenerationChunk,
     RuntimeSettings,
     SamplingParams,
+    encode_prompt,
 )
-from appliance.runtime.llamacpp import GGUFChatTemplate, _import_llama_cpp, resolve_gpu_layers
+from appliance.runtime.llamacpp import (
+    GGUFChatTemplate,
+    _import_llama_cpp,
+    longest_token_bytes,
+    resolve_gpu_layers,
+)
 from signing.errors import InputError, ModelError
 
 # Tokens per llama_decode call (generating tokens first, then prompt chunks).
@@ -155,6 +161,7 @@ class BatchedLlamaCppBackend:
         self._model = self._llama.model
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self._token_bytes = longest_token_bytes(llama_cpp, self._vocab)
         self._chat = GGUFChatTemplate(self._llama)
         self._n_batch = max(BATCH_TOKENS, self._parallel)
         self._ctx = self._new_context(requested, threads)
@@ -218,12 +225,14 @@ class BatchedLlamaCppBackend:
         return self._chat.format(messages)
 
     def count_tokens(self, text: str) -> int:
+        data = self._encode(text)
         with self._model_in_use():
-            return len(self._tokenize(text))
+            return len(self._tokenize(data))
 
     def generate(self, prompt: str, params: SamplingParams) -> Generation:
+        data = self._encode(prompt)
         with self._model_in_use():
-            tokens = self._tokenize(prompt) or [int(self._llama.token_bos())]
+            tokens = self._tokenize(data) or [int(self._llama.token_bos())]
         if tokens[0] < 0:
             raise InputError("the prompt is empty and this model has no BOS token to start from")
         if len(tokens) + (params.max_tokens or 1) > self._context:
@@ -238,6 +247,8 @@ class BatchedLlamaCppBackend:
         return generation
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        for text in texts:
+            self._encode(text)
         # Embeddings need a context made for them (pooling, no causal LM head): a second Llama,
         # made on first use, as the pool backend does.
         with self._embed_lock:
@@ -286,8 +297,11 @@ class BatchedLlamaCppBackend:
         if self._closed:
             raise ModelError(self._failure or "the llama.cpp backend is closed")
 
-    def _tokenize(self, text: str) -> list[int]:
-        return list(self._llama.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+    def _encode(self, text: str) -> bytes:
+        return encode_prompt(text, context=self._context, token_bytes=self._token_bytes)
+
+    def _tokenize(self, data: bytes) -> list[int]:
+        return list(self._llama.tokenize(data, add_bos=True, special=True))
 
     @staticmethod
     def _chunks(request: _Request) -> Iterator[GenerationChunk]:

@@ -42,6 +42,7 @@ from appliance.runtime.base import (
     GenerationChunk,
     RuntimeSettings,
     SamplingParams,
+    encode_prompt,
 )
 from signing.errors import ModelError
 
@@ -138,6 +139,10 @@ class TransformersBackend:
         # The one token of an empty text, for a tokenizer that adds no BOS.
         bos = self._tokenizer.bos_token_id
         self._filler: int = bos if bos is not None else min(self._eos_ids, default=self._pad_id)
+        # Vocabulary strings are in the tokenizer's own alphabet (byte-level BPE writes a byte
+        # as one character, SentencePiece a space as '\u2581'): a character of one stands for
+        # at most one character of text, and a character is at most 4 bytes of UTF-8.
+        self._token_bytes = 4 * max((len(t) for t in self._tokenizer.get_vocab()), default=1)
         self._lock = threading.Lock()
 
     @property
@@ -209,6 +214,7 @@ class TransformersBackend:
             torch.cuda.empty_cache()
 
     def _encode(self, text: str) -> list[int]:
+        encode_prompt(text, context=self._context, token_bytes=self._token_bytes)
         # A prompt made by a chat template may already start with the BOS token: do not add a
         # second one.
         bos = self._tokenizer.bos_token

@@ -6,7 +6,8 @@ routes through typed dependencies (:mod:`appliance.server.deps`). Worker threads
 file are opened by the app's lifespan, so an app that is built but never served holds nothing.
 
 Every route needs an API key except ``GET /healthz``; ``/docs`` and ``/openapi.json`` too,
-unless ``public_docs`` is set (docs/adr/0006-rest-server.md).
+unless ``public_docs`` is set (docs/adr/0006-rest-server.md). The key is checked by middleware,
+before the body is read (docs/adr/0009-server-limits.md).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from appliance.server.deps import AppState
 from appliance.server.engine import Engine
 from appliance.server.errors import install_handlers
 from appliance.server.holder import ModelHolder
-from appliance.server.middleware import BodyLimitMiddleware, RecordMiddleware
+from appliance.server.middleware import BodyLimitMiddleware, KeyMiddleware, RecordMiddleware
 from appliance.server.requestlog import RequestLog
 from appliance.server.routers import chat, completions, docs, embeddings, health, metrics, models
 from appliance.server.settings import ServerSettings
@@ -44,12 +45,11 @@ def create_app(settings: ServerSettings, holder: ModelHolder) -> FastAPI:
         request_timeout_s=settings.request_timeout_s,
     )
     request_log = RequestLog(settings.request_log)
-    state = AppState(
-        settings=settings,
-        engine=engine,
-        keys=KeyChecker(settings.api_key_file),
-        request_log=request_log,
-    )
+    keys = KeyChecker(settings.api_key_file)
+    state = AppState(settings=settings, engine=engine, keys=keys, request_log=request_log)
+
+    def is_public(path: str) -> bool:
+        return path in health.PUBLIC_PATHS or (settings.public_docs and docs.is_docs_path(path))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -74,7 +74,9 @@ def create_app(settings: ServerSettings, holder: ModelHolder) -> FastAPI:
     install_handlers(app)
     for module in (chat, completions, embeddings, models, health, metrics, docs):
         app.include_router(module.router)
-    # Added last = outermost: the record sees every answer, the body limit's 413s included.
+    # Added last = outermost: the record sees every answer, the 401s and 413s included; the key
+    # comes before the body limit, so that no body is read for a caller without a key.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(KeyMiddleware, keys=keys, is_public=is_public)
     app.add_middleware(RecordMiddleware, engine=engine, request_log=request_log)
     return app

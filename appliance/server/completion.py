@@ -4,7 +4,8 @@ Streaming: the response starts only once the backend has accepted the prompt, so
 does not fit is a plain 400 even with ``stream: true``. After that the status is sent; a timeout
 or failure becomes an ``error`` event (which the OpenAI clients raise), with no ``[DONE]``.
 A client that goes away cancels the generation: Starlette cancels the stream when it sees the
-disconnect, and the non-streamed path watches for it itself.
+disconnect, and until the stream starts (queueing, the backend taking the prompt) and on the
+non-streamed path we watch for it ourselves.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -30,6 +31,7 @@ from appliance.server.schemas import SamplingRequest
 log = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+T = TypeVar("T")
 
 
 async def respond(
@@ -49,14 +51,20 @@ async def respond(
     state.engine.check_model(body.model)
     if state.settings.log_prompts:
         record.prompt = prompt
-    running = await state.engine.generate(record, start)
+    # Waiting for a slot and for the backend to take the prompt can be long: a client that
+    # leaves meanwhile gives up its place (the generation, if it started, stops at once).
+    running = await _unless_disconnected(request.receive, state.engine.generate(record, start))
     if body.stream:
         return StreamingResponse(
             _events(running, shape, record),
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
-    text, finish_reason = await _until_disconnect(request.receive, running)
+    try:
+        text, finish_reason = await _unless_disconnected(request.receive, running.collect())
+    except ClientClosedError:
+        running.finish("cancelled")
+        raise
     return JSONResponse(shape.whole(text, finish_reason, record))
 
 
@@ -86,22 +94,22 @@ async def _events(
             record.error = ClientClosedError.code
 
 
-async def _until_disconnect(receive: Receive, running: RunningGeneration) -> tuple[str, str]:
-    """Collect the generation, unless the client disconnects first: then cancel it."""
-    collect = asyncio.ensure_future(running.collect())
+async def _unless_disconnected(receive: Receive, work: Coroutine[Any, Any, T]) -> T:
+    """The result of ``work``, unless the client disconnects first: then ``work`` is
+    cancelled and the answer is 499."""
+    task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnected(receive))
     try:
-        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if collect.done():
-            return collect.result()
-        running.finish("cancelled")
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
         raise ClientClosedError("the client closed the connection")
     finally:
-        for task in (collect, gone):
-            if not task.done():
-                task.cancel()
+        for pending in (task, gone):
+            if not pending.done():
+                pending.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                    await pending
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -56,7 +56,13 @@ Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
 async def require_key(state: State, record: Record, bearer: Bearer) -> str:
-    """The caller's key name; 401 for a missing, malformed, unknown or revoked key."""
+    """The caller's key name; 401 for a missing, malformed, unknown or revoked key.
+
+    :class:`~appliance.server.middleware.KeyMiddleware` checked the key already, before the
+    body was read, and noted its name; the check here is for a route it was told is public.
+    """
+    if record.key_name is not None:
+        return record.key_name
     name = state.keys.check(bearer.credentials if bearer is not None else None)
     record.key_name = name
     return name

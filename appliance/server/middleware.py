@@ -1,19 +1,28 @@
-"""ASGI middleware: the request record (log + metrics) around everything, then the body limit.
+"""ASGI middleware: the request record (log + metrics) around everything, then the API key,
+then the body limit.
 
 Pure ASGI rather than ``BaseHTTPMiddleware``: the record must see the end of a streamed
 response (its token counts are only known then), and nothing here may buffer a response.
+
+The key is checked before a byte of the body is read: a caller without a valid key costs one
+header lookup, never a 4 MiB buffer or a JSON parse (FastAPI parses a route's body before it
+runs the route's dependencies, so a dependency alone would come too late).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from appliance.server.auth import KeyChecker
 from appliance.server.engine import Engine
-from appliance.server.errors import BodyTooLargeError, api_error_body
+from appliance.server.errors import APIError, AuthenticationError, BodyTooLargeError, api_error_body
 from appliance.server.record import STATE_KEY, RequestRecord
 from appliance.server.requestlog import RequestLog
 
@@ -75,6 +84,32 @@ class RecordMiddleware:
             log.exception("cannot write the request log")
 
 
+class KeyMiddleware:
+    """401 for a request without a valid API key, unless ``is_public(path)``; the key's name
+    goes into the request record (:func:`appliance.server.deps.require_key` reads it there).
+
+    The body of a refused request is left unread: uvicorn discards it as it arrives, and the
+    connection limits (:mod:`appliance.server.connections`) close a client that goes on sending.
+    """
+
+    def __init__(self, app: ASGIApp, *, keys: KeyChecker, is_public: Callable[[str], bool]) -> None:
+        self.app = app
+        self.keys = keys
+        self.is_public = is_public
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.is_public(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        try:
+            name = self.keys.check(_bearer_token(scope))
+        except AuthenticationError as error:
+            await _answer(scope, receive, send, error, close=False)
+            return
+        RequestRecord.of_scope(scope).key_name = name
+        await self.app(scope, receive, send)
+
+
 class BodyLimitMiddleware:
     """Read the whole body up front, at most ``max_body_bytes`` of it; more: 413."""
 
@@ -106,10 +141,7 @@ class BodyLimitMiddleware:
                 body += chunk
         if too_large:
             error = BodyTooLargeError(f"request body is larger than {limit} bytes")
-            RequestRecord.of_scope(scope).error = error.code
-            response = JSONResponse(api_error_body(error), status_code=error.status)
-            response.headers["Connection"] = "close"
-            await response(scope, receive, send)
+            await _answer(scope, receive, send, error, close=True)
             return
 
         replayed = False
@@ -122,6 +154,28 @@ class BodyLimitMiddleware:
             return await receive()  # after the body: only http.disconnect will come
 
         await self.app(scope, replay, send)
+
+
+async def _answer(
+    scope: Scope, receive: Receive, send: Send, error: APIError, *, close: bool
+) -> None:
+    RequestRecord.of_scope(scope).error = error.code
+    response = JSONResponse(
+        api_error_body(error), status_code=error.status, headers=error.headers()
+    )
+    if close:
+        response.headers["Connection"] = "close"
+    await response(scope, receive, send)
+
+
+def _bearer_token(scope: Scope) -> str | None:
+    """The credentials of ``Authorization: Bearer <credentials>``, read as FastAPI's
+    ``HTTPBearer`` reads them; None for no header, another scheme or no credentials."""
+    header = Headers(scope=scope).get("authorization")
+    scheme, credentials = get_authorization_scheme_param(header)
+    if scheme.lower() != "bearer" or not credentials:
+        return None
+    return credentials
 
 
 def _content_length(scope: Scope) -> int | None:

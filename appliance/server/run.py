@@ -11,6 +11,7 @@ from typing import Final
 import uvicorn
 
 from appliance.server.app import create_app
+from appliance.server.connections import ConnectionGuard, connection_limits, guarded_protocol
 from appliance.server.holder import ModelHolder
 from appliance.server.settings import ServerSettings
 
@@ -22,6 +23,10 @@ _STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 def build_server(
     settings: ServerSettings, holder: ModelHolder, *, log_level: str = "info"
 ) -> uvicorn.Server:
+    limits = connection_limits(settings.max_connections)
+    guard = ConnectionGuard(
+        header_timeout_s=settings.header_timeout_s, max_connections=limits.max_connections
+    )
     config = uvicorn.Config(
         create_app(settings, holder),
         host=settings.host,
@@ -32,6 +37,12 @@ def build_server(
         proxy_headers=False,  # no proxy is trusted to tell us who the client is
         lifespan="on",
         timeout_graceful_shutdown=10,
+        # h11 on asyncio, whatever else is installed: the connection limits hook into h11's
+        # protocol and count on asyncio's accept loop (appliance.server.connections).
+        http=guarded_protocol(guard),
+        loop="asyncio",
+        ws="none",
+        backlog=limits.backlog,
     )
     return uvicorn.Server(config)
 

@@ -2,18 +2,25 @@
 
 Fields we cannot honour are refused (400, ``param`` naming them) rather than ignored: a client
 that asks for tools or log probabilities must not get an answer that silently lacks them.
+
+JSON may carry a lone surrogate (``"\\ud800"``), which Python's parser keeps in the string but
+which is not Unicode text: nothing after it (pydantic, the tokenizer, the request log) can
+encode it. Every body is searched for one before its fields are validated; it is a 400 naming
+the field, never a 500.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+import re
+from typing import Annotated, Any, ClassVar, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from appliance.runtime.base import ChatMessage, SamplingParams
 from appliance.server.errors import BadRequestError, UnsupportedParameterError
 
 MAX_STOP = 16
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
 class _Request(BaseModel):
@@ -22,6 +29,19 @@ class _Request(BaseModel):
 
     # (field, the one value of it that is fine to send, e.g. logprobs=false)
     UNSUPPORTED: ClassVar[tuple[tuple[str, Any], ...]] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_lone_surrogates(cls, data: Any) -> Any:
+        where = lone_surrogate_at(data)
+        if where is not None:
+            # An APIError, not a ValueError: pydantic lets it through as it is, param and all.
+            raise BadRequestError(
+                f"invalid value for {where or 'the request body'}: it contains a lone surrogate "
+                "(a \\ud800 to \\udfff escape that is not half of a pair), which is not text",
+                param=where or None,
+            )
+        return data
 
     def reject_unsupported(self) -> None:
         given = {**(self.model_extra or {}), **self.__dict__}
@@ -146,6 +166,31 @@ class EmbeddingRequest(_Request):
     def texts(self) -> list[str]:
         self.reject_unsupported()
         return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+def lone_surrogate_at(data: Any) -> str | None:
+    """Where the first lone surrogate in parsed JSON is (``messages[0].content``), or None.
+
+    Keys count too (the path of their object, "" for the top level). Iterative: the nesting
+    depth of a body is the client's choice.
+    """
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return path
+        elif isinstance(value, dict):
+            for key in value:
+                if isinstance(key, str) and _SURROGATE.search(key):
+                    return path
+            stack.extend(
+                (f"{path}.{key}" if path else str(key), item)
+                for key, item in reversed(value.items())
+            )
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in reversed(list(enumerate(value))))
+    return None
 
 
 def _or(value: float | None, default: float) -> float:

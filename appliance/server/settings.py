@@ -50,6 +50,18 @@ class ServerSettings(BaseSettings):
     request_timeout_s: float = Field(
         600.0, gt=0, description="Per-request limit, queueing included: 504."
     )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Time a connection has to send a whole request head, from opening and "
+        "after each response; then it is closed.",
+    )
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="Open connections at most; one more closes the one longest waiting for a "
+        "request head (default: what the open-file limit allows).",
+    )
     log_prompts: bool = Field(False, description="Write prompt text into the request log.")
     request_log: Path | None = Field(
         None, description=f"JSON-lines request log (default: ROOT/{REQUEST_LOG})."

@@ -28,6 +28,12 @@ ASSETS: Final = {
 }
 ASSET_PREFIX: Final = "/docs/assets/"
 
+
+def is_docs_path(path: str) -> bool:
+    """The page, its assets and the OpenAPI document: what ``public_docs`` makes public."""
+    return path in ("/docs", "/openapi.json") or path.startswith(ASSET_PREFIX)
+
+
 router = APIRouter(include_in_schema=False)
 
 

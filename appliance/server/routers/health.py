@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from fastapi import APIRouter
 
 from appliance.server.deps import EngineDep, KeyName
 
 router = APIRouter(tags=["health"])
+
+PUBLIC_PATHS: Final = frozenset({"/healthz"})  # for the key middleware: no key, ever
 
 
 @router.get("/healthz", summary="Liveness (no API key needed)")

@@ -1,0 +1,190 @@
+"""Client connections: a deadline for every request head, and a cap on open connections.
+
+uvicorn 0.54 with h11 (the HTTP implementation ``build_server`` pins) arms no timer when a
+connection opens, and its keep-alive timer (``timeout_keep_alive``) starts only once a response
+has ended and is cancelled by the next byte that arrives. A client that sends a request head
+slowly, part of one, or nothing at all keeps its socket for ever, and needs no key to do so.
+At the open-file limit, ``accept()`` fails with EMFILE and every other client waits.
+
+Two rules, kept by :class:`ConnectionGuard` through hooks in uvicorn's h11 protocol:
+
+1. A connection delivers a whole request head (request line and headers) within
+   ``header_timeout_s`` of opening, and of the end of its previous response; otherwise it is
+   closed. A body is not timed here: only a caller with a valid key gets one read (the key
+   middleware answers 401 first, and uvicorn then discards the unread body while the next
+   deadline runs).
+2. At most ``max_connections`` are open. One more closes the connection that has waited longest
+   for a request head (a new one, or an idle keep-alive one); when every other connection is
+   busy with a request, the newcomer is closed instead. A client with a key sends its head in
+   one write, so it is waiting for milliseconds only: a flood of incomplete connections evicts
+   its own oldest members, not the clients that make requests. (nginx reuses idle keep-alive
+   connections the same way when it runs out of ``worker_connections``.)
+
+The cap sits below the open-file limit by the accept batch and a reserve for the process's own
+files (:func:`connection_limits`): asyncio accepts up to ``backlog`` connections per loop
+iteration before the protocol sees any of them, so that is what the cap must leave room for.
+Why not uvicorn's ``limit_concurrency``: past it uvicorn answers 503 to new *requests* and
+closes nothing, so incomplete connections would lock out the clients with keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Final
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from signing.errors import InputError, StateError
+
+log = logging.getLogger(__name__)
+
+# File descriptors kept for the process itself: the model file, the logs, the key file while
+# it is read, the listening socket, the event loop's own, the standard streams.
+RESERVED_FILES: Final = 64
+MAX_BACKLOG: Final = 2048  # uvicorn's default
+MIN_CONNECTIONS: Final = 16
+_REPORT_EVERY_S: Final = 60.0
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    max_connections: int
+    backlog: int  # listen queue, and connections accepted per loop iteration
+
+
+def connection_limits(max_connections: int | None) -> ConnectionLimits:
+    """The connection cap and the listen backlog that the open-file limit allows.
+
+    ``max_connections`` None: as many as the limit allows. More than it allows is refused
+    rather than lowered: the operator asked for something this process cannot keep.
+    """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    backlog = max(MIN_CONNECTIONS, min(MAX_BACKLOG, soft // 8))
+    allowed = soft - backlog - RESERVED_FILES
+    if allowed < MIN_CONNECTIONS:
+        raise StateError(
+            f"the open-file limit of this process ({soft}) is too low to serve: raise it "
+            "(LimitNOFILE= in the unit, ulimit -n in a shell)"
+        )
+    if max_connections is not None and max_connections > allowed:
+        raise InputError(
+            f"max_connections {max_connections} is more than the open-file limit ({soft}) "
+            f"leaves room for ({allowed}): raise the limit or lower max_connections"
+        )
+    return ConnectionLimits(max_connections=max_connections or allowed, backlog=backlog)
+
+
+class ConnectionGuard:
+    """Deadlines and the cap for the connections of one server (event loop thread only)."""
+
+    def __init__(self, *, header_timeout_s: float, max_connections: int) -> None:
+        self.header_timeout_s = header_timeout_s
+        self.max_connections = max_connections
+        self._open: set[GuardedH11Protocol] = set()
+        # Connections waiting for a request head, the longest waiting first, with their timers.
+        self._waiting: OrderedDict[GuardedH11Protocol, asyncio.TimerHandle] = OrderedDict()
+        self._timed_out = 0
+        self._evicted = 0
+        self._reported = time.monotonic()
+
+    @property
+    def open(self) -> int:
+        return len(self._open)
+
+    def opened(self, conn: GuardedH11Protocol) -> None:
+        self._open.add(conn)
+        self.waiting(conn)
+        if len(self._open) > self.max_connections:
+            oldest = next(iter(self._waiting))  # conn itself, if no other one is waiting
+            self._evicted += 1
+            self._drop(oldest)
+
+    def waiting(self, conn: GuardedH11Protocol) -> None:
+        """``conn`` waits for a request head; its deadline runs from the first call."""
+        if conn not in self._waiting and conn in self._open:
+            timer = conn.loop.call_later(self.header_timeout_s, self._expire, conn)
+            self._waiting[conn] = timer
+
+    def busy(self, conn: GuardedH11Protocol) -> None:
+        """``conn`` delivered a request head: no deadline and no eviction until it is answered."""
+        timer = self._waiting.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
+
+    def closed(self, conn: GuardedH11Protocol) -> None:
+        self.busy(conn)
+        self._open.discard(conn)
+
+    def _expire(self, conn: GuardedH11Protocol) -> None:
+        if conn in self._waiting:
+            self._timed_out += 1
+            self._drop(conn)
+
+    def _drop(self, conn: GuardedH11Protocol) -> None:
+        # Forget it now, not when the transport reports the loss: the count must be right for
+        # the next connection made in the same loop iteration.
+        self.closed(conn)
+        # abort(), not close(): close() waits for unsent data, which a client that does not
+        # read would keep there for ever. Nobody is owed anything here: no request is running.
+        conn.transport.abort()
+        self._report()
+
+    def _report(self) -> None:
+        now = time.monotonic()
+        if now - self._reported < _REPORT_EVERY_S:
+            return
+        log.warning(
+            "closed %d connections that sent no request head within %g s and %d over the cap "
+            "of %d connections, in the last %.0f s",
+            self._timed_out,
+            self.header_timeout_s,
+            self._evicted,
+            self.max_connections,
+            now - self._reported,
+        )
+        self._timed_out = self._evicted = 0
+        self._reported = now
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, reporting to a :class:`ConnectionGuard` what each connection is
+    doing: made, waiting for a request head, busy with a request, lost."""
+
+    guard: ConnectionGuard  # set on the subclass that guarded_protocol() makes
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.guard.opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._report_state()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # may start a pipelined request at once
+        self._report_state()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.guard.closed(self)
+
+    def _report_state(self) -> None:
+        if self.transport.is_closing():
+            return  # connection_lost follows
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.guard.busy(self)
+        else:
+            self.guard.waiting(self)
+
+
+def guarded_protocol(guard: ConnectionGuard) -> type[GuardedH11Protocol]:
+    """The protocol class for uvicorn's ``http=``: uvicorn makes the instances itself, so the
+    guard of this server travels on a class of its own."""
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"guard": guard})
