@@ -51,15 +51,17 @@ from pathlib import Path
 from typing import Any, Final
 
 from appliance.fsutil import TMP_PREFIX, atomic_write, fsync_dir
+from appliance.limits import HOST_LIMITS
 from signing.bounded import ELLIPSIS, clip
-from signing.canonical import decode_canonical, encode_canonical, format_time
+from signing.canonical import decode_canonical, encode_canonical, format_time, is_int
 from signing.errors import FormatError, IntegrityError, StateError
 
 GENESIS: Final = "0" * 64
-MAX_TEXT: Final = 1000
-MAX_ITEMS: Final = 20
-MAX_RECORD_BYTES: Final = 16 << 10
-RESERVE_BYTES: Final = 256 << 10
+# The bounds of invariant 8, from the host's one config of limits.
+MAX_TEXT: Final = HOST_LIMITS.audit_max_text
+MAX_ITEMS: Final = HOST_LIMITS.audit_max_items
+MAX_RECORD_BYTES: Final = HOST_LIMITS.audit_max_record_bytes
+RESERVE_BYTES: Final = HOST_LIMITS.audit_reserve_bytes
 REPAIR_HINT: Final = (
     "run 'appliance history --check' to see what is wrong, then "
     "'appliance repair --reanchor-audit-log' (audited) to start a new chain beside the old one"
@@ -342,7 +344,7 @@ def head_problem(head: bytes | None, last: LastRecord | None) -> str | None:
         anchored, digest = value["count"], value["sha256"]
     except (FormatError, KeyError, TypeError) as exc:
         return f"head (audit.head) is damaged: {exc}"
-    if not isinstance(anchored, int) or isinstance(anchored, bool) or anchored < 0:
+    if not is_int(anchored) or anchored < 0:
         return "head (audit.head) is damaged: its count is not a count"
     if not isinstance(digest, str):
         return "head (audit.head) is damaged: its sha256 is not a string"
@@ -394,7 +396,7 @@ def read_tail(fd: int) -> Tail:
     line = buffer[before + 1 : newline]
     record = _parse(line, lineno=0)
     seq, prev = record.get("seq"), record.get("prev")
-    if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(prev, str):
+    if not is_int(seq) or not isinstance(prev, str):
         raise IntegrityError(f"audit log's last record has no valid seq and prev; {REPAIR_HINT}")
     last = LastRecord(seq=seq, prev=prev, sha256=hashlib.sha256(line).hexdigest())
     return Tail(last=last, complete_size=complete_size, torn=torn)

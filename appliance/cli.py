@@ -9,22 +9,22 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 import click
 
 from appliance.console import ByteProgress, emit_json, parse_cli_time, run_cli
-from appliance.host import DEFAULT_ROOT
-from appliance.installer import (
-    DEFAULT_GRACE_PERIOD_S,
-    DEFAULT_KEEP,
-    MAX_GRACE_PERIOD_S,
-    Appliance,
-    InstallOptions,
-)
+from appliance.host import check_signing_time, host_time
+from appliance.installer import Appliance, InstallOptions
+from appliance.limits import HOST_LIMITS
+from appliance.outcome import audited
 from appliance.provenance import describe_provenance, slot_provenance
 from appliance.service import DEFAULT_UNIT_DIR, UNIT_NAME, ServiceSpec, write_unit
+from appliance.slots import DEFAULT_ROOT
 from appliance.trust import read_root_file
+from appliance.verifier import verify_head
+from signing.bundle import open_bundle, read_head
 from signing.canonical import encode_canonical, format_time
-from signing.errors import IntegrityError
+from signing.errors import InputError, IntegrityError
 
 if TYPE_CHECKING:
     from appliance.apikeys import KeyStore
+    from appliance.preflight import Check
 
 _TIME_HELP = "Use this UTC time (YYYY-MM-DDTHH:MM:SSZ) instead of the system clock; logged."
 
@@ -137,7 +137,7 @@ def verify(app: Appliance, bundle: str, assume_time: str | None, as_json: bool) 
 @click.option(
     "--keep",
     type=click.IntRange(min=1),
-    default=DEFAULT_KEEP,
+    default=HOST_LIMITS.default_keep,
     show_default=True,
     help="Slots to keep, the active one included.",
 )
@@ -150,10 +150,15 @@ def verify(app: Appliance, bundle: str, assume_time: str | None, as_json: bool) 
 )
 @click.option(
     "--grace-period",
-    type=click.IntRange(min=0, max=MAX_GRACE_PERIOD_S),
-    default=DEFAULT_GRACE_PERIOD_S,
+    type=click.IntRange(min=0, max=HOST_LIMITS.max_grace_period_s),
+    default=HOST_LIMITS.default_grace_period_s,
     show_default=True,
     help="Seconds after activation in which 'serve' rolls back by itself if the model fails.",
+)
+@click.option(
+    "--skip-preflight",
+    is_flag=True,
+    help="Install even if the host lacks what the bundle requires (logged; see 'preflight').",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_appliance
@@ -165,6 +170,7 @@ def install(
     assume_time: str | None,
     skip_health_check: bool,
     grace_period: int,
+    skip_preflight: bool,
     as_json: bool,
 ) -> None:
     """Verify BUNDLE, install it into a new slot, check its model runs, then switch to it."""
@@ -174,6 +180,7 @@ def install(
         assume_time=parse_cli_time(assume_time),
         skip_health_check=skip_health_check,
         grace_period_s=grace_period,
+        skip_preflight=skip_preflight,
     )
     with ByteProgress() as progress:
         slot = app.install(bundle, options, progress=progress)
@@ -381,6 +388,68 @@ def service_install(app: Appliance, unit_dir: Path, host: str, port: int, user: 
     spec = ServiceSpec(root=app.paths.root.resolve(), host=host, port=port, user=user)
     path = write_unit(spec, unit_dir)
     click.echo(f"wrote {path}; run 'systemctl daemon-reload && systemctl enable --now {UNIT_NAME}'")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--assume-time", help=_TIME_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_appliance
+def preflight(app: Appliance, bundle: Path, assume_time: str | None, as_json: bool) -> None:
+    """Will BUNDLE run on this host? Checks what its signed head requires; exit 11 if not."""
+    # Only this command and install need the checks; the head is verified as verify's V1-V5.
+    from appliance.hostfacts import check_host  # noqa: PLC0415
+    from appliance.preflight import require_fit  # noqa: PLC0415
+
+    state, damage = app.load_state()
+    clock = host_time(state, override=parse_cli_time(assume_time))
+    with audited(app.audit, "preflight", clock) as record:
+        if damage is not None:
+            raise damage
+        root = app.trust.load().root
+        try:
+            stream = bundle.open("rb")
+        except OSError as exc:
+            raise InputError(f"cannot open bundle {bundle}: {exc.strerror}") from None
+        with stream:
+            head = read_head(open_bundle(stream, app.limits), app.limits)
+        verified = verify_head(head, root=root, now=clock.now)
+        check_signing_time(verified.manifest.created, clock)
+        m = verified.manifest
+        record.update(name=m.name, version=m.version, manifest_sha256=verified.manifest_sha256)
+        checks = [] if m.requires is None else check_host(m.requires, app.paths.root)
+        record["failed_checks"] = [c.name for c in checks if not c.ok] or None
+        if as_json:
+            emit_json(
+                {
+                    "name": m.name,
+                    "version": m.version,
+                    "ok": all(c.ok for c in checks),
+                    "requires": None if m.requires is None else m.requires.to_dict(),
+                    "checks": [c.to_json() for c in checks],
+                }
+            )
+        elif m.requires is None:
+            click.echo(f"{m.name} {m.version} states no host requirements (made before preflight)")
+        else:
+            _print_checks(f"{m.name} {m.version} on this host", checks)
+        require_fit(checks, bundle=f"{m.name} {m.version}")
+
+
+def _print_checks(title: str, checks: list[Check]) -> None:
+    from rich.console import Console  # noqa: PLC0415 - only for this table
+    from rich.table import Table  # noqa: PLC0415
+    from rich.text import Text  # noqa: PLC0415
+
+    table = Table(title=title, title_justify="left")
+    for column in ("check", "result", "found", "needed", "fix"):
+        table.add_column(column, overflow="fold")
+    for c in checks:
+        result = Text("ok", style="green") if c.ok else Text("FAIL", style="bold red")
+        # Text, not markup: found values come from the host ("[gpu]" is no style).
+        cells = (Text(c.name), result, Text(c.found), Text(c.needed), Text(c.fix))
+        table.add_row(*cells, style=None if c.ok else "red")
+    Console(width=max(Console().width, 120)).print(table)
 
 
 def _key_store(app: Appliance) -> KeyStore:

@@ -1,98 +1,22 @@
-"""The appliance's directory on the host, its persistent state and its notion of time.
+"""The host's persistent state (``state.json``) and its notion of time.
 
-Layout of the root directory (``--root``, ``APPLIANCE_ROOT``, default /var/lib/appliance)::
-
-    trust/root.json          the trusted root (canonical bytes as signed)
-    trust/history/N.root.json every root ever trusted, by version
-    state.json               highest version per bundle name, time floor, next slot number
-    slots/<seq>-<name>-<ver> verified, complete slots
-    current -> slots/...     the active slot (a symlink, switched by rename)
-    staging/, trash/         work in progress; removed by recovery after a crash
-    lock                     flock held by state-changing operations
-    audit.jsonl              the hash-chained audit log
+Where things live on the host is appliance.slots' business (``HostPaths``); this module keeps
+what the host remembers across installs and decides what time it is for expiry checks.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
-from appliance.audit import AuditLog
 from appliance.fsutil import atomic_write
+from appliance.limits import HOST_LIMITS
 from signing.canonical import encode_canonical, format_time, parse_time
 from signing.errors import FormatError, IntegrityError, StateError, VerificationError
 from signing.manifest import BundleManifest
-
-DEFAULT_ROOT: Final = Path("/var/lib/appliance")
-# How far ahead of the host's time a bundle's signing time may be (docs/adr/0005): clocks of
-# builders and hosts drift by minutes, time zones by hours; a day ahead is a wrong clock.
-MAX_SIGNED_AHEAD: Final = timedelta(days=1)
-
-
-@dataclass(frozen=True)
-class HostPaths:
-    root: Path
-
-    @property
-    def trust(self) -> Path:
-        return self.root / "trust"
-
-    @property
-    def trusted_root(self) -> Path:
-        return self.trust / "root.json"
-
-    @property
-    def root_history(self) -> Path:
-        return self.trust / "history"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state.json"
-
-    @property
-    def slots(self) -> Path:
-        return self.root / "slots"
-
-    @property
-    def staging(self) -> Path:
-        return self.root / "staging"
-
-    @property
-    def trash(self) -> Path:
-        return self.root / "trash"
-
-    @property
-    def current(self) -> Path:
-        return self.root / "current"
-
-    @property
-    def lock(self) -> Path:
-        return self.root / "lock"
-
-    @property
-    def audit(self) -> Path:
-        return self.root / "audit.jsonl"
-
-    def ensure(self) -> None:
-        directories = (
-            self.root,
-            self.trust,
-            self.root_history,
-            self.slots,
-            self.staging,
-            self.trash,
-        )
-        try:
-            for directory in directories:
-                directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StateError(f"appliance root {self.root} is unusable: {exc.strerror}") from None
-
-    def audit_log(self) -> AuditLog:
-        return AuditLog(self.audit)
 
 
 @dataclass(frozen=True)
@@ -214,14 +138,15 @@ def host_time(state: HostState, *, override: datetime | None) -> HostTime:
 
 
 def check_signing_time(created: datetime, clock: HostTime) -> None:
-    """Refuse a bundle signed more than MAX_SIGNED_AHEAD after the host's time.
+    """Refuse a bundle signed more than ``max_signed_ahead`` (appliance.limits) after the
+    host's time.
 
     Installing it would raise the time floor past real time, and from then on every install
     and root update would be refused as expired with no way back (the floor exists so that
     nobody can move the clock back past a signature already seen). The operator who knows the
     host clock is wrong vouches for the real time with ``--assume-time``, which is logged.
     """
-    if created > clock.now + MAX_SIGNED_AHEAD:
+    if created > clock.now + HOST_LIMITS.max_signed_ahead:
         source = "--assume-time" if clock.override is not None else "this host's clock"
         raise VerificationError(
             f"bundle signed at {format_time(created)}, more than a day after {source} "

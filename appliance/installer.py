@@ -25,10 +25,13 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from appliance import staging
 from appliance.fsutil import atomic_write
-from appliance.host import HostPaths, HostState, HostTime, Trial, check_signing_time, host_time
+from appliance.host import HostState, HostTime, Trial, check_signing_time, host_time
+from appliance.hostfacts import check_host
+from appliance.limits import HOST_LIMITS
 from appliance.lock import HostLock
 from appliance.outcome import OK, audited
-from appliance.slots import BUNDLE_DIR, PAYLOAD_DIR, SLOT_META, SlotInfo, SlotStore, slot_id
+from appliance.preflight import require_fit
+from appliance.slots import HostPaths, SlotInfo, SlotPaths, SlotStore, slot_id
 from appliance.trust import TrustStore
 from appliance.verifier import VerifiedManifest, check_version, verify_head
 from signing.bundle import BundleHead, Limits, open_bundle, read_head, stream_payload
@@ -45,13 +48,13 @@ from signing.manifest import BundleManifest
 from signing.tarstream import TarReader
 
 if TYPE_CHECKING:
-    from appliance.environment import setup_environment
+    from appliance.envsetup import setup_environment
     from appliance.runtime.loader import health_check
 else:
     # Step I7's helpers are imported on first use: their modules bring asyncio, venv and the
     # runtime, which verify (and an install without an environment) never needs at start-up.
     def setup_environment(*args: Any, **kwargs: Any) -> Any:
-        from appliance.environment import setup_environment as run  # noqa: PLC0415
+        from appliance.envsetup import setup_environment as run  # noqa: PLC0415
 
         return run(*args, **kwargs)
 
@@ -61,11 +64,6 @@ else:
         return run(*args, **kwargs)
 
 
-DEFAULT_KEEP: Final = 3
-# After activation, a model that fails to load in `serve` within this time rolls back by itself.
-DEFAULT_GRACE_PERIOD_S: Final = 600
-# A trial longer than this is a typo, and a far larger one overflows the clock arithmetic.
-MAX_GRACE_PERIOD_S: Final = 30 * 24 * 3600
 FAULT_ENV: Final = "APPLIANCE_FAULT_INJECT"
 # The faults of FAULT_ENV: "STEP" kills the process at STEP; "fill-disk:STEP" fills the file
 # system of the host root at STEP, so that every later write meets a real ENOSPC.
@@ -83,18 +81,20 @@ class InstallOptions:
     """An install's options, checked when made: before step I1 writes anything."""
 
     allow_downgrade: bool = False
-    keep: int = DEFAULT_KEEP
+    keep: int = HOST_LIMITS.default_keep
     assume_time: datetime | None = None
     skip_health_check: bool = False
-    grace_period_s: int = DEFAULT_GRACE_PERIOD_S
+    skip_preflight: bool = False
+    grace_period_s: int = HOST_LIMITS.default_grace_period_s
 
     def __post_init__(self) -> None:
         if self.keep < 1:
             raise InputError(f"--keep must be at least 1, not {self.keep}")
-        if not 0 <= self.grace_period_s <= MAX_GRACE_PERIOD_S:
+        longest = HOST_LIMITS.max_grace_period_s
+        if not 0 <= self.grace_period_s <= longest:
             raise InputError(
-                f"--grace-period must be between 0 and {MAX_GRACE_PERIOD_S} seconds (30 days), "
-                f"not {self.grace_period_s}"
+                f"--grace-period must be between 0 and {longest} seconds "
+                f"({longest // 86400} days), not {self.grace_period_s}"
             )
 
 
@@ -103,7 +103,7 @@ class Appliance:
 
     def __init__(self, root: Path, *, limits: Limits | None = None) -> None:
         self.paths = HostPaths(root)
-        self.limits = limits or Limits()
+        self.limits = limits or HOST_LIMITS.bundle
         self.slots = SlotStore(self.paths)
         self.trust = TrustStore(self.paths)
         self.audit = self.paths.audit_log()
@@ -225,6 +225,13 @@ class Appliance:
                 )
             except PolicyError as exc:
                 raise PolicyError(exc.diagnostics() + self._slot_hint(manifest)) from None
+            # I3: the hardware preflight (docs/preflight.md): a host that cannot run what the
+            # manifest requires is refused with every failed check, before anything is written.
+            if options.skip_preflight:
+                record["skip_preflight"] = True
+            elif manifest.requires is not None:
+                checks = check_host(manifest.requires, self.paths.root)
+                require_fit(checks, bundle=f"{manifest.name} {manifest.version}")
             # I4: room for the payload, so a full disk is a clear refusal, not a torn write.
             free = shutil.disk_usage(self.paths.staging).free
             if manifest.payload_size > free:
@@ -239,7 +246,8 @@ class Appliance:
             slot_dir = self.slots.new_staging(slot_id(seq, manifest))
             try:
                 _start(progress, verified)
-                with staging.payload_sink(slot_dir / PAYLOAD_DIR, stream, self.limits) as sink:
+                payload_dir = SlotPaths(slot_dir).payload
+                with staging.payload_sink(payload_dir, stream, self.limits) as sink:
                     stream_payload(
                         tar,
                         manifest,
@@ -323,10 +331,10 @@ class Appliance:
         clock: HostTime,
         options: InstallOptions,
     ) -> None:
-        bundle_dir = slot_dir / BUNDLE_DIR
-        bundle_dir.mkdir()
-        atomic_write(bundle_dir / "manifest.json", verified.manifest_bytes)
-        atomic_write(bundle_dir / "signatures.json", signature_block.rstrip(b" "))
+        paths = SlotPaths(slot_dir)
+        paths.bundle.mkdir()
+        atomic_write(paths.manifest, verified.manifest_bytes)
+        atomic_write(paths.signatures, signature_block.rstrip(b" "))
         manifest = verified.manifest
         meta = {
             "seq": seq,
@@ -338,7 +346,7 @@ class Appliance:
             "created": format_time(manifest.created),
             "allow_downgrade": options.allow_downgrade,
         }
-        atomic_write(slot_dir / SLOT_META, encode_canonical(meta))
+        atomic_write(paths.meta, encode_canonical(meta))
 
     def _slot_hint(self, manifest: BundleManifest) -> str:
         """For a refused version that still has a slot: how to get it back instead."""
@@ -479,7 +487,7 @@ def _verified_head(
     trusted root at the host's time, refuse a bundle dated far ahead of that time, and say in
     the audit record what was looked at."""
     head = read_head(tar, limits)
-    record["manifest_sha256"] = _sha256(head.manifest_bytes)
+    record["manifest_sha256"] = hashlib.sha256(head.manifest_bytes).hexdigest()
     verified = verify_head(head, root=root, now=clock.now)
     record.update(_bundle_fields(verified))
     check_signing_time(verified.manifest.created, clock)
@@ -516,10 +524,6 @@ def _bundle_fields(verified: VerifiedManifest) -> dict[str, Any]:
         "version": verified.manifest.version,
         "signers": sorted(verified.signers),
     }
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _fault(step: str, root: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from appliance.slots import BUNDLE_DIR, PAYLOAD_DIR
+from appliance.slots import SlotPaths
 from signing.errors import FormatError
 from signing.manifest import BundleManifest
 from signing.provenance import SBOM_ENTRY, summarize_sbom
@@ -18,17 +18,16 @@ from signing.provenance import SBOM_ENTRY, summarize_sbom
 def slot_provenance(slot: Path) -> dict[str, Any]:
     """``{"environment", "model_source", "sbom"}`` of an installed slot (None where absent)."""
     info: dict[str, Any] = {"environment": None, "model_source": None, "sbom": None}
+    paths = SlotPaths(slot)
     try:
-        manifest = BundleManifest.from_bytes((slot / BUNDLE_DIR / "manifest.json").read_bytes())
+        manifest = BundleManifest.from_bytes(paths.manifest.read_bytes())
     except (OSError, FormatError):
         return info
     if manifest.environment is not None:
-        info["environment"] = manifest.environment.to_dict() | {
-            "installed": (slot / "env").is_dir()
-        }
+        info["environment"] = manifest.environment.to_dict() | {"installed": paths.env.is_dir()}
     if manifest.model_source is not None:
         info["model_source"] = manifest.model_source.to_dict()
-    sbom = slot / PAYLOAD_DIR / SBOM_ENTRY
+    sbom = paths.payload / SBOM_ENTRY
     if any(e.path == SBOM_ENTRY for e in manifest.entries) and sbom.is_file():
         info["sbom"] = summarize_sbom(sbom.read_bytes()) | {"path": str(sbom)}
     return info

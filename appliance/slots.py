@@ -1,4 +1,28 @@
-"""Slots: complete, verified installs side by side, one of them active through ``current``.
+"""The host's folder layout, and the slots: complete, verified installs, one active.
+
+This is the one module that knows where things are on disk (docs/bundle-format.md, section
+8): :class:`HostPaths` names the folders of the root directory, :class:`SlotPaths` the
+folders inside one slot, and :func:`env_python` the interpreter a slot's environment has. The
+others ask these instead of joining folder names of their own, so that a change of layout
+(media, delta bundles) is a change here. The root directory (``--root``, ``APPLIANCE_ROOT``,
+default /var/lib/appliance)::
+
+    trust/root.json          the trusted root (canonical bytes as signed)
+    trust/history/N.root.json every root ever trusted, by version
+    state.json               highest version per bundle name, time floor, next slot number
+    slots/<seq>-<name>-<ver> verified, complete slots
+    current -> slots/...     the active slot (a symlink, switched by rename)
+    staging/, trash/         work in progress; removed by recovery after a crash
+    quarantine/              stray entries of slots/ set aside by 'appliance repair'
+    lock                     flock held by state-changing operations
+    audit.jsonl              the hash-chained audit log
+
+and one slot::
+
+    slot.json                the slot's own record (seq, name, version, signers, times)
+    bundle/manifest.json     the verified manifest, bundle/signatures.json its signatures
+    payload/...              the payload files, as the manifest lists them
+    env/                     the package environment set up in step I7, if the bundle has one
 
 A directory under ``slots/`` only ever appears by an atomic rename of a fully written and
 fsynced staging directory, so every slot found there is complete. Removal goes the other way:
@@ -24,17 +48,160 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from appliance.audit import AuditLog
 from appliance.fsutil import atomic_symlink, fsync_dir, remove_temporaries, remove_tree
-from appliance.host import HostPaths
 from signing.bounded import quote
 from signing.errors import IntegrityError, StateError
 from signing.manifest import BundleManifest
 
 LOG: Final = logging.getLogger(__name__)
 REPAIR: Final = "run 'appliance repair'"
+DEFAULT_ROOT: Final = Path("/var/lib/appliance")
+SLOTS_DIR: Final = "slots"
+STAGING_DIR: Final = "staging"
 SLOT_META: Final = "slot.json"
 BUNDLE_DIR: Final = "bundle"
 PAYLOAD_DIR: Final = "payload"
+ENV_DIR: Final = "env"
+
+
+@dataclass(frozen=True)
+class HostPaths:
+    """The folders and files of the host's root directory."""
+
+    root: Path
+
+    @property
+    def trust(self) -> Path:
+        return self.root / "trust"
+
+    @property
+    def trusted_root(self) -> Path:
+        return self.trust / "root.json"
+
+    @property
+    def root_history(self) -> Path:
+        return self.trust / "history"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def slots(self) -> Path:
+        return self.root / SLOTS_DIR
+
+    @property
+    def staging(self) -> Path:
+        return self.root / STAGING_DIR
+
+    @property
+    def trash(self) -> Path:
+        return self.root / "trash"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine"
+
+    @property
+    def current(self) -> Path:
+        return self.root / "current"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "lock"
+
+    @property
+    def audit(self) -> Path:
+        return self.root / "audit.jsonl"
+
+    def ensure(self) -> None:
+        directories = (
+            self.root,
+            self.trust,
+            self.root_history,
+            self.slots,
+            self.staging,
+            self.trash,
+        )
+        try:
+            for directory in directories:
+                directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"appliance root {self.root} is unusable: {exc.strerror}") from None
+
+    def audit_log(self) -> AuditLog:
+        return AuditLog(self.audit)
+
+
+@dataclass(frozen=True)
+class SlotPaths:
+    """The folders and files inside one slot, or inside its staging directory before step I8
+    renames it into ``slots/``."""
+
+    path: Path
+
+    @property
+    def meta(self) -> Path:
+        return self.path / SLOT_META
+
+    @property
+    def bundle(self) -> Path:
+        return self.path / BUNDLE_DIR
+
+    @property
+    def manifest(self) -> Path:
+        return self.bundle / "manifest.json"
+
+    @property
+    def signatures(self) -> Path:
+        return self.bundle / "signatures.json"
+
+    @property
+    def payload(self) -> Path:
+        return self.path / PAYLOAD_DIR
+
+    @property
+    def env(self) -> Path:
+        return self.path / ENV_DIR
+
+    @property
+    def env_bin(self) -> Path:
+        return self.env / "bin"
+
+    @property
+    def env_python(self) -> Path:
+        """Where an environment's interpreter is (a venv's, or a conda env's that has one)."""
+        return self.env_bin / "python"
+
+    def env_site_packages(self, python: str) -> Path:
+        """The environment's site-packages for Python ``python`` (``"3.12"``)."""
+        return self.env / "lib" / f"python{python}" / "site-packages"
+
+    @property
+    def env_scratch(self) -> Path:
+        """Scratch space of step I7, inside the slot: the same file system as ``env``."""
+        return self.path / ".env-scratch"
+
+    @property
+    def env_cache(self) -> Path:
+        """The package cache of step I7 (same file system: rattler hard-links from it)."""
+        return self.path / ".env-cache"
+
+    @property
+    def committed(self) -> SlotPaths:
+        """Where the slot will be once committed: step I8 renames ``staging/<id>`` to
+        ``slots/<id>``; a slot already there is where it stays."""
+        if self.path.parent.name == STAGING_DIR:
+            return SlotPaths(self.path.parent.parent / SLOTS_DIR / self.path.name)
+        return self
+
+
+def env_python(slot: Path) -> Path | None:
+    """The interpreter a slot's backend runs under: ``SLOT/env/bin/python`` for a pip env (or a
+    conda env that carries Python); None when the slot has no such interpreter."""
+    python = SlotPaths(slot).env_python
+    return python if python.exists() else None
 
 
 @dataclass(frozen=True)
@@ -74,7 +241,7 @@ class SlotInfo:
                 f"slot {quote(path.name)} is damaged: its slot.json describes {expected}"
             )
         try:
-            stored = (path / BUNDLE_DIR / "manifest.json").read_bytes()
+            stored = SlotPaths(path).manifest.read_bytes()
         except OSError as exc:
             raise IntegrityError(
                 f"slot {path.name} is damaged: no readable manifest ({exc.strerror})"
@@ -88,7 +255,7 @@ class SlotInfo:
     @classmethod
     def _read_meta(cls, path: Path) -> SlotInfo:
         try:
-            obj = json.loads((path / SLOT_META).read_bytes())
+            obj = json.loads(SlotPaths(path).meta.read_bytes())
             return cls(
                 id=path.name,
                 path=path,
@@ -157,7 +324,7 @@ class SlotStore:
         if problem is not None:
             raise IntegrityError(f"{problem}; {REPAIR}")
         target = str(link.readlink())
-        return next(s for s in self.list() if s.id == target.removeprefix("slots/"))
+        return next(s for s in self.list() if s.id == target.removeprefix(f"{SLOTS_DIR}/"))
 
     def current_problem(self) -> str | None:
         """What is wrong with ``current``, or None (also when there is none yet)."""
@@ -166,7 +333,7 @@ class SlotStore:
             return f"{link.name} is not a symbolic link" if link.exists() else None
         target = str(link.readlink())
         directory, _, name = target.partition("/")
-        if directory != "slots" or name in {"", ".", ".."} or "/" in name:
+        if directory != SLOTS_DIR or name in {"", ".", ".."} or "/" in name:
             return f"current points at {quote(target)}, outside slots/"
         if name not in {s.id for s in self.scan()[0]}:
             return f"current points at {quote(target)}, which is missing or not a valid slot"
@@ -189,7 +356,7 @@ class SlotStore:
 
     def activate(self, slot_path: Path) -> None:
         """Point ``current`` at ``slot_path`` with one atomic rename (step I9)."""
-        atomic_symlink(self._paths.current, f"slots/{slot_path.name}")
+        atomic_symlink(self._paths.current, f"{SLOTS_DIR}/{slot_path.name}")
 
     def find(self, version: str, *, name: str | None) -> SlotInfo:
         want = BundleManifest.parse_version(version)
@@ -232,7 +399,7 @@ class SlotStore:
             entry.unlink()
             fsync_dir(entry.parent)
             return f"removed the symbolic link slots/{entry.name}"
-        quarantine = self._paths.root / "quarantine"
+        quarantine = self._paths.quarantine
         quarantine.mkdir(exist_ok=True)
         target = quarantine / entry.name
         suffix = 1

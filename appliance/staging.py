@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from appliance.fsutil import fsync_dir
+from appliance.limits import HOST_LIMITS
 from signing.bundle import DiscardSink, Limits
 from signing.errors import StateError
 from signing.manifest import Entry
@@ -355,7 +356,8 @@ class ReadAheadSink:
         return view
 
 
-READ_AHEAD_BYTES: Final = 1 << 20
+# A module name (read at each call), so that a test can make the pieces small.
+READ_AHEAD_BYTES: Final = HOST_LIMITS.read_ahead_bytes
 
 
 @contextmanager

@@ -12,13 +12,12 @@ from datetime import datetime
 from pathlib import Path
 
 from appliance.fsutil import atomic_write
-from appliance.host import HostPaths
+from appliance.limits import HOST_LIMITS
+from appliance.slots import HostPaths
 from signing.bounded import MAX_QUOTED, clip
 from signing.canonical import format_time
 from signing.errors import ExpiredError, FormatError, InputError, StateError
 from signing.metadata import Root, SignedRoot, verify_root, verify_rotation
-
-MAX_ROOT_BYTES = 1 << 20
 
 
 class TrustStore:
@@ -35,13 +34,13 @@ class TrustStore:
             raise StateError(
                 f"no trusted root in {self._paths.root}: run 'appliance trust init root.json'"
             ) from None
-        return SignedRoot.from_bytes(data, max_length=MAX_ROOT_BYTES)
+        return SignedRoot.from_bytes(data, max_length=HOST_LIMITS.max_root_bytes)
 
     def initialise(self, data: bytes, *, fingerprint: str | None, now: datetime) -> SignedRoot:
         """Trust ``data`` as the first root: self-signed, unexpired, matching ``fingerprint``."""
         if self.is_initialised():
             raise StateError("a trusted root is already installed; use 'appliance trust update'")
-        signed = SignedRoot.from_bytes(data, max_length=MAX_ROOT_BYTES)
+        signed = SignedRoot.from_bytes(data, max_length=HOST_LIMITS.max_root_bytes)
         if fingerprint is not None and not hmac.compare_digest(
             fingerprint.strip().lower(), signed.fingerprint
         ):
@@ -57,7 +56,7 @@ class TrustStore:
     def rotate(self, data: bytes, *, now: datetime) -> SignedRoot:
         """Trust root v(N+1) only if v(N)'s and its own root thresholds both signed it."""
         trusted = self.load()
-        new = SignedRoot.from_bytes(data, max_length=MAX_ROOT_BYTES)
+        new = SignedRoot.from_bytes(data, max_length=HOST_LIMITS.max_root_bytes)
         verify_rotation(trusted.root, new)
         check_root_expiry(new.root, now)
         self._persist(new)
@@ -76,9 +75,10 @@ def check_root_expiry(root: Root, now: datetime) -> None:
 
 def read_root_file(path: Path) -> bytes:
     try:
-        if path.stat().st_size > MAX_ROOT_BYTES:
+        if path.stat().st_size > HOST_LIMITS.max_root_bytes:
             raise FormatError(
-                f"{clip(str(path), MAX_QUOTED)}: root metadata larger than {MAX_ROOT_BYTES} bytes"
+                f"{clip(str(path), MAX_QUOTED)}: root metadata larger than "
+                f"{HOST_LIMITS.max_root_bytes} bytes"
             )
         return path.read_bytes()
     except OSError as exc:

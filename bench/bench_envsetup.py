@@ -50,6 +50,7 @@ sys.path.insert(0, str(REPO))
 
 from pkgfactory import make_conda_channel, make_conda_package, make_wheel  # noqa: E402
 
+from appliance.slots import SlotPaths  # noqa: E402
 from signing.manifest import BundleManifest, Entry, EnvironmentSpec  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "out" / "envsetup.md"
@@ -61,18 +62,19 @@ PY = f"{sys.version_info.major}.{sys.version_info.minor}"
 WHEELS = ["numpy==2.4.6", "pydantic", "rich", "click", "packaging", "idna", "certifi"]
 WHEELS += ["six", "attrs", "jinja2", "pyyaml"]
 
-# The installer has imported appliance.environment (and signing) long before step I7: the
+# The installer has imported appliance.envsetup (and signing) long before step I7: the
 # child reports how long those imports took, and that is taken off its wall time.
 OURS = """
 import time
 started = time.perf_counter()
 import json, sys
 from pathlib import Path
-from appliance.environment import setup_environment
+from appliance.envsetup import setup_environment
+from appliance.slots import SlotPaths
 from signing.manifest import BundleManifest
 imports = time.perf_counter() - started
 slot = Path(sys.argv[1])
-manifest = BundleManifest.from_bytes((slot / "bundle" / "manifest.json").read_bytes())
+manifest = BundleManifest.from_bytes(SlotPaths(slot).manifest.read_bytes())
 summary = setup_environment(slot, manifest)
 print(json.dumps(summary | {"imports_s": imports}))
 """
@@ -205,12 +207,13 @@ def manifest_for(payload: dict[str, Path], spec: EnvironmentSpec) -> BundleManif
 
 def make_slot(slot: Path, payload: dict[str, Path], manifest: BundleManifest) -> None:
     """A slot as the installer leaves it before I7: the payload and the verified manifest."""
+    paths = SlotPaths(slot)
     for rel, source in payload.items():
-        dest = slot / "payload" / rel
+        dest = paths.payload / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, dest)
-    (slot / "bundle").mkdir(parents=True)
-    (slot / "bundle" / "manifest.json").write_bytes(manifest.to_bytes())
+    paths.bundle.mkdir(parents=True)
+    paths.manifest.write_bytes(manifest.to_bytes())
 
 
 # -- the groups ---------------------------------------------------------------------------------
@@ -429,8 +432,8 @@ def main() -> None:
                 {"label": label, "baseline": "plain rattler", "samples": samples}
             )
         results["notes"].append(
-            "ours = `appliance.environment.setup_environment` in a fresh interpreter, less the "
-            "time it took that interpreter to import `appliance.environment` and "
+            "ours = `appliance.envsetup.setup_environment` in a fresh interpreter, less the "
+            "time it took that interpreter to import `appliance.envsetup` and "
             "`signing.manifest` (the installer has them loaded before step I7; py-rattler's "
             "import stays counted, as in the plain sides); with its checks, the smoke-import "
             "machinery (no modules listed here) and the final syncfs (the plain sides do not "

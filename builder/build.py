@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from builder.environment import prepare_environment, resolve_model
+from builder.hostreqs import host_requirements
 from builder.pack import (
     DEFAULT_SIGNATURE_SPACE,
     PayloadFile,
@@ -138,6 +139,13 @@ def build_bundle(
         files.sort(key=lambda f: f.entry_path)
         for f in files:
             check_relative_path(f.entry_path, what="payload file")
+        requires = host_requirements(
+            recipe,
+            model_bytes=sum(r.size for p, r in records.items() if _under(p, model_path)),
+            payload_bytes=sum(r.size for r in records.values()),
+            packages=[f for f in files if f.kind == "package"],
+            artifacts=env.artifacts if env else [],
+        )
         manifest = BundleManifest(
             name=recipe.bundle.name,
             version=recipe.bundle.version,
@@ -152,6 +160,7 @@ def build_bundle(
             ),
             environment=env.spec if env else None,
             model_source=model.source,
+            requires=requires,
         )
         signatures = sign_manifest(manifest.to_bytes(), keys)
         with progress_factory() if progress_factory else _NoBar() as bar:

@@ -23,6 +23,7 @@ import hashlib
 import os
 import re
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 from typing import Final
@@ -47,6 +48,25 @@ def sha256_file(path: Path) -> str:
     """The hex sha256 of a file's bytes."""
     with path.open("rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def write_atomically(dest: Path, data: bytes) -> None:
+    """Replace ``dest`` with ``data``: a uniquely named temporary file beside it (builders that
+    share a cache run at once), fsynced, mode 0644 (not mkstemp's 0600: what the builder
+    writes is read by everyone), renamed over ``dest``; removed again on any failure."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.chmod(0o644)
+        tmp.replace(dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def check_sha256(sha256: str) -> str:

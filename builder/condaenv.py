@@ -48,6 +48,7 @@ from rattler.exceptions import (
 
 from builder.artifacts import Artifact
 from builder.recipe import CondaEnvironment
+from signing.bounded import one_line
 from signing.errors import FetchError, LockError
 
 SOLVERS = ("micromamba", "mamba", "conda")
@@ -283,8 +284,7 @@ def _channel_named(message: str, channel_urls: Sequence[str]) -> str:
 
 
 def _one_line(exc: BaseException | str) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= _MESSAGE_LIMIT else text[: _MESSAGE_LIMIT - 3] + "..."
+    return one_line(exc, limit=_MESSAGE_LIMIT)
 
 
 def _solver_reason(exc: BaseException) -> str:

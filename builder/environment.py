@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder.artifacts import Artifact
-from builder.cache import Cache
+from builder.cache import Cache, write_atomically
 from builder.condaenv import conda_install_list, load_conda_artifacts, lock_conda
 from builder.fetch import fetch_all
 from builder.hub import fetch_hub_model
@@ -273,12 +272,8 @@ def _built_store(
     cache: Cache, sdist: Artifact, env: PipEnvironment, wheel: Artifact, path: Path
 ) -> Path:
     stored = cache.add(path, wheel.sha256)
-    record = _built_record(cache, sdist, env)
-    record.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_suffix(f".tmp{os.getpid()}")
     fields = {k: getattr(wheel, k) for k in Artifact.__dataclass_fields__}
-    tmp.write_text(json.dumps(fields, sort_keys=True))
-    tmp.replace(record)
+    write_atomically(_built_record(cache, sdist, env), json.dumps(fields, sort_keys=True).encode())
     return stored
 
 

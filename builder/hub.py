@@ -42,8 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from builder.cache import default_cache_root
+from builder.cache import default_cache_root, write_atomically
 from builder.recipe import ModelSection
+from signing.bounded import one_line
 from signing.errors import ArtifactError, FetchError, InputError
 from signing.manifest import check_relative_path
 
@@ -347,10 +348,7 @@ def _remember_ref(cache: Path, repo_id: str, revision: str, commit: str) -> None
     if not ref.resolve().is_relative_to(refs.resolve()):
         return
     with contextlib.suppress(OSError):  # a read-only cache only loses the offline shortcut
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ref.with_name(f"{ref.name}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(commit, encoding="ascii")
-        tmp.replace(ref)
+        write_atomically(ref, commit.encode("ascii"))
 
 
 def _walk(top: Path) -> Iterator[Path]:
@@ -450,5 +448,4 @@ def _default_out_dir(repo_id: str, commit: str, patterns: Sequence[str]) -> Path
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+    return one_line(exc) or type(exc).__name__

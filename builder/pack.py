@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final
 
+from builder.cache import sha256_file
 from signing.bundle import (
     FORMAT_MAGIC,
     FORMAT_MEMBER,
@@ -138,17 +139,11 @@ def cosign_in_place(
 
 
 def hash_file(path: Path) -> tuple[int, str]:
-    """Size and sha256 of a file, read in large chunks."""
-    digest = hashlib.sha256()
-    size = 0
+    """Size and sha256 of a file (the bytes are hashed again as write_bundle copies them)."""
     try:
-        with path.open("rb") as fh:
-            while chunk := fh.read(_COPY_CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
+        return path.stat().st_size, sha256_file(path)
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from None
-    return size, digest.hexdigest()
 
 
 def _write_member(fh: BinaryIO, name: str, data: bytes) -> None:

@@ -24,6 +24,7 @@ import tempfile
 import tomllib
 from pathlib import Path
 
+from builder.cache import write_atomically
 from builder.hashedreqs import HTTP_TIMEOUT, check_reachable
 from builder.pipread import TOOL_KEY
 from builder.recipe import PipEnvironment
@@ -142,7 +143,7 @@ def lock_pip(
         if result.returncode != 0:
             _raise_uv_failure(result.stderr, env)
         text = _pylock_text(result.stdout, env)
-    _write_atomically(dest, text.encode("utf-8"))
+    write_atomically(dest, text.encode("utf-8"))
     return dest
 
 
@@ -209,19 +210,3 @@ def _pylock_text(uv_output: str, env: PipEnvironment) -> str:
     if not str(data.get("lock-version", "")).startswith("1."):
         raise LockError("uv wrote no PEP 751 lock (no lock-version 1.x)")
     return text
-
-
-def _write_atomically(dest: Path, data: bytes) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.chmod(0o644)  # a lock is committed and read by everyone: not mkstemp's 0600
-        tmp.replace(dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

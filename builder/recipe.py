@@ -198,10 +198,58 @@ class RuntimeSection(_Section):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = None
 
 
+_CPU_FLAG = r"^[a-z0-9][a-z0-9_.]{0,31}$"
+_CUDA_ARCH = r"^[1-9][0-9]{1,2}[af]?$"
+
+
+class RequiresSection(_Section):
+    """What the host must offer beyond what the builder derives (docs/recipe.md, [requires]).
+
+    The builder records the rest itself: the architecture from the environment's platform,
+    the glibc floor from the wheels' tags and its own glibc for compiled sdists, Python,
+    memory and disk (builder.hostreqs).
+    """
+
+    cpu_level: Literal["x86-64-v2", "x86-64-v3", "x86-64-v4"] | None = None
+    cpu_flags: list[str] = Field(default_factory=list, max_length=64)
+    cuda_architectures: list[str] = Field(default_factory=list, max_length=32)
+    cuda_version: str | None = Field(default=None, pattern=r"^[1-9][0-9]?\.[0-9]{1,2}$")
+    cpu_fallback: bool = False
+    memory_mib: int | None = Field(default=None, ge=1, le=1 << 30)
+    gpu_memory_mib: int | None = Field(default=None, ge=1, le=1 << 30)
+
+    @field_validator("cpu_flags")
+    @classmethod
+    def _flags(cls, value: list[str]) -> list[str]:
+        for flag in value:
+            if not re.fullmatch(_CPU_FLAG, flag):
+                raise ValueError(f"{flag!r} is not a CPU flag as /proc/cpuinfo names it")
+        return value
+
+    @field_validator("cuda_architectures")
+    @classmethod
+    def _archs(cls, value: list[str]) -> list[str]:
+        for arch in value:
+            if not re.fullmatch(_CUDA_ARCH, arch):
+                raise ValueError(f"{arch!r} is not a CUDA architecture like '86' or '90a'")
+        return value
+
+    @model_validator(mode="after")
+    def _gpu_keys(self) -> RequiresSection:
+        if not self.cuda_architectures and (
+            self.cuda_version is not None or self.cpu_fallback or self.gpu_memory_mib is not None
+        ):
+            raise ValueError(
+                "'cuda_version', 'cpu_fallback' and 'gpu_memory_mib' go with 'cuda_architectures'"
+            )
+        return self
+
+
 class Recipe(_Anchored):
     bundle: BundleSection
     model: ModelSection
     runtime: RuntimeSection
+    requires: RequiresSection = Field(default_factory=RequiresSection)
     environment: PipEnvironment | CondaEnvironment | None = Field(
         default=None, discriminator="type"
     )

@@ -26,6 +26,9 @@ MAX_ITEMS: Final = 10
 MAX_LINE: Final = 1000
 """Characters of one diagnostics line (the audit log keeps one such line per refusal)."""
 
+MAX_REASON: Final = 300
+"""Characters of one reason quoted from a child process's output or a library's exception."""
+
 ELLIPSIS: Final = "…"
 
 
@@ -123,3 +126,11 @@ def clip(text: str, limit: int = MAX_LINE) -> str:
     room = len(f" {ELLIPSIS} ({len(text)} more characters cut)")
     keep = max(limit - room, 0)
     return f"{text[:keep]} {ELLIPSIS} ({len(text) - keep} more characters cut)"
+
+
+def one_line(reason: object, *, limit: int = MAX_REASON) -> str:
+    """``str(reason)`` on one line (every run of white space one space), cut to ``limit``
+    characters with ``...``: what a child process printed or a library raised, quoted inside
+    one of our messages."""
+    line = " ".join(str(reason).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeGuard
 
 from signing.bounded import MAX_QUOTED, clip, quote
 from signing.errors import FormatError
@@ -32,6 +32,13 @@ MIN_INT = -(1 << 63)
 """Integers must fit a signed 64-bit integer, so every consumer reads them the same way."""
 
 _MAX_INT_DIGITS = 20  # len(str(MIN_INT)); longer digit strings are refused before int()
+
+
+def is_int(value: object) -> TypeGuard[int]:
+    """Whether a decoded value is a JSON integer: Python's ``bool`` is an ``int`` too, and a
+    ``true`` where a number belongs must never pass for 1."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
 
 _TIME_RE = re.compile(r"\A([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})Z\Z")
 _KEY_IN_PATH = 64  # characters of one object key in a "$['a'][0]" location

@@ -129,3 +129,12 @@ class ActivatedError(AirgapError):
     to do about the step that failed."""
 
     exit_code = 10
+
+
+class HostUnfitError(PolicyError):
+    """The host cannot run a verified bundle: its CPU, memory, disk, Python, glibc or GPU falls
+    short of what the signed manifest requires (appliance preflight, install step I3). Nothing
+    was written; the message names every failed check and its fix. A refusal, like a policy's,
+    with an exit code of its own, so that scripts can tell "wrong host" from "downgrade"."""
+
+    exit_code = 11

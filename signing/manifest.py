@@ -27,9 +27,16 @@ from typing import Any, Final
 from packaging.version import Version
 
 from signing.bounded import quote
-from signing.canonical import decode_canonical, encode_canonical, format_time, parse_time
+from signing.canonical import (
+    decode_canonical,
+    encode_canonical,
+    format_time,
+    is_int,
+    parse_time,
+)
 from signing.errors import FormatError
 from signing.metadata import Signature, parse_signatures, signatures_to_list
+from signing.requirements import HostRequirements
 
 FORMAT_VERSION: Final = 1
 MANIFEST_TYPE: Final = "bundle"
@@ -64,7 +71,7 @@ def check_runtime(runtime: Mapping[str, Any]) -> None:
         if key == "backend":
             continue
         if key in _RUNTIME_INTS:
-            if not _is_int(value) or value < _RUNTIME_INTS[key]:
+            if not is_int(value) or value < _RUNTIME_INTS[key]:
                 raise FormatError(
                     f"manifest: runtime.{key} must be an integer >= {_RUNTIME_INTS[key]}"
                 )
@@ -114,7 +121,7 @@ class Entry:
         obj = _exact_object(value, {"path", "size", "sha256", "kind"}, what=what)
         path = check_relative_path(obj["path"], what=what)
         size = obj["size"]
-        if not _is_int(size) or size < 0:
+        if not is_int(size) or size < 0:
             raise FormatError(f"{what} {quote(path)}: size must be a non-negative integer")
         digest = obj["sha256"]
         if not isinstance(digest, str) or not _SHA256_RE.fullmatch(digest):
@@ -221,6 +228,8 @@ class BundleManifest:
     entries: tuple[Entry, ...]
     environment: EnvironmentSpec | None = None
     model_source: ModelSource | None = None
+    # What the host must offer (format section 2.4); None in bundles made before it existed.
+    requires: HostRequirements | None = None
     _parsed_version: Version = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -247,6 +256,8 @@ class BundleManifest:
             raise FormatError("manifest: environment must be an EnvironmentSpec")
         if self.model_source is not None and not isinstance(self.model_source, ModelSource):
             raise FormatError("manifest: model.source must be a ModelSource")
+        if self.requires is not None and not isinstance(self.requires, HostRequirements):
+            raise FormatError("manifest: requires must be a HostRequirements")
         _check_entries(self.entries)
         if not any(
             e.path == self.model_path or e.path.startswith(self.model_path + "/")
@@ -258,6 +269,12 @@ class BundleManifest:
             if not any(e.path == env.install_list for e in self.entries):
                 raise FormatError(
                     f"manifest: environment install_list {quote(env.install_list)} names no entry"
+                )
+            needs = self.requires.python if self.requires is not None else None
+            if needs is not None and needs != env.python:
+                raise FormatError(
+                    f"manifest: requires.python {quote(needs)} is not the environment's "
+                    f"{quote(env.python)}"
                 )
 
     @property
@@ -294,7 +311,10 @@ class BundleManifest:
             "runtime": dict(self.runtime),
             "model": self._model_dict(),
             "entries": [e.to_dict() for e in self.entries],
-        } | ({"environment": self.environment.to_dict()} if self.environment else {})
+        } | (
+            ({"environment": self.environment.to_dict()} if self.environment else {})
+            | ({"requires": self.requires.to_dict()} if self.requires is not None else {})
+        )
 
     def _model_dict(self) -> dict[str, Any]:
         model: dict[str, Any] = {"path": self.model_path}
@@ -313,7 +333,7 @@ class BundleManifest:
     def from_bytes(cls, data: bytes) -> BundleManifest:
         obj = _exact_object(
             decode_canonical(data, what="manifest"),
-            optional={"environment"},
+            optional={"environment", "requires"},
             keys={
                 "_type",
                 "format_version",
@@ -331,7 +351,7 @@ class BundleManifest:
             raise FormatError(
                 f"manifest: _type must be {MANIFEST_TYPE!r}, got {quote(obj['_type'])}"
             )
-        if not _is_int(obj["format_version"]) or obj["format_version"] != FORMAT_VERSION:
+        if not is_int(obj["format_version"]) or obj["format_version"] != FORMAT_VERSION:
             raise FormatError(
                 f"manifest: format_version {quote(obj['format_version'])} is not supported "
                 f"(this appliance reads {FORMAT_VERSION})"
@@ -367,6 +387,7 @@ class BundleManifest:
                 EnvironmentSpec.from_dict(obj["environment"]) if "environment" in obj else None
             ),
             model_source=source,
+            requires=(HostRequirements.from_dict(obj["requires"]) if "requires" in obj else None),
         )
 
 
@@ -422,7 +443,3 @@ def _exact_object(
     if extra:
         raise FormatError(f"{what}: unknown field {quote(sorted(extra)[0])}")
     return value
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -21,7 +21,13 @@ from types import MappingProxyType
 from typing import Any
 
 from signing.bounded import quote
-from signing.canonical import decode_canonical, encode_canonical, format_time, normalize_time
+from signing.canonical import (
+    decode_canonical,
+    encode_canonical,
+    format_time,
+    is_int,
+    normalize_time,
+)
 from signing.canonical import parse_time as _parse_time
 from signing.errors import FormatError, RotationError, SignatureError
 from signing.keys import PublicKey, SigningKey
@@ -59,10 +65,6 @@ SPEC_VERSION = "1"
 _FIELDS = frozenset({"_type", "spec_version", "version", "expires", "keys", "roles"})
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
 class Root:
     """The keys and roles a host trusts. Immutable: ``keys`` and ``roles`` are read-only views.
@@ -76,7 +78,7 @@ class Root:
     roles: Mapping[str, Role]
 
     def __post_init__(self) -> None:
-        if not _is_int(self.version) or self.version < 1:
+        if not is_int(self.version) or self.version < 1:
             raise FormatError("root: version must be an integer >= 1")
         object.__setattr__(self, "expires", normalize_time(self.expires))
         if not isinstance(self.keys, Mapping) or not isinstance(self.roles, Mapping):
@@ -141,7 +143,7 @@ class Root:
         if value["spec_version"] != SPEC_VERSION:
             raise FormatError(f"root: spec_version must be {SPEC_VERSION!r}")
         version = value["version"]
-        if not _is_int(version) or version < 1:
+        if not is_int(version) or version < 1:
             raise FormatError("root: version must be an integer >= 1")
         expires = _parse_time(value["expires"], what="root expires")
 

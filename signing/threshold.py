@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from signing.bounded import listing
+from signing.canonical import is_int
 from signing.errors import FormatError, SignatureError, UnsignedError
 from signing.keys import PublicKey
 
@@ -98,7 +99,7 @@ class Role:
         if len(set(keyids)) != len(keyids):
             raise FormatError("role keyids must be unique")
         threshold = self.threshold
-        if not isinstance(threshold, int) or isinstance(threshold, bool):
+        if not is_int(threshold):
             raise FormatError("role threshold must be an integer")
         if not 1 <= threshold <= len(keyids):
             raise FormatError(
@@ -119,7 +120,7 @@ class Role:
             raise FormatError(f"{what}: keyids must be a list of 64-hex-digit keyids")
         if keyids != sorted(set(keyids)):
             raise FormatError(f"{what}: keyids must be sorted and unique")
-        if not isinstance(threshold, int) or isinstance(threshold, bool):
+        if not is_int(threshold):
             raise FormatError(f"{what}: threshold must be an integer")
         try:
             return cls(tuple(keyids), threshold)

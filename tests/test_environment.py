@@ -22,8 +22,9 @@ from helpers_cli import appliance, assert_error, clean_env, ok
 from pkgfactory import make_conda_channel, make_conda_package, make_wheel
 from simulator import DEFAULT_FILES, BundleSimulator, Host
 
-from appliance.environment import PTH_NAME, env_python
+from appliance.envsetup import PTH_NAME
 from appliance.installer import InstallOptions
+from appliance.slots import env_python
 from signing.errors import EnvironmentSetupError
 from signing.manifest import EnvironmentSpec
 

@@ -51,6 +51,7 @@ from signing.manifest import (
 )
 from signing.metadata import Root, SignedRoot, verify_root, verify_rotation
 from signing.provenance import summarize_sbom
+from signing.requirements import CpuRequirement, GpuRequirement, HostRequirements
 
 JSONPath = tuple[str | int, ...]
 """Where a value sits in a JSON document: object keys and list indexes from the top."""
@@ -83,7 +84,23 @@ _manifest, PAYLOAD = SIM.manifest(
     },
     environment=ENVIRONMENT,
 )
-MANIFEST = replace(_manifest, model_source=ModelSource(repo_id="org/tiny", commit="a" * 40))
+# Every field of ``requires`` present, lists of two, so that the walk reaches each of them.
+REQUIRES = HostRequirements(
+    memory_bytes=1 << 30,
+    disk_bytes=2 << 30,
+    cpu=CpuRequirement(arch="x86_64", level="x86-64-v3", flags=("aes", "avx512f")),
+    gpu=GpuRequirement(
+        cuda_architectures=("86", "90a"), cuda_version="12.4", memory_bytes=1 << 30,
+        cpu_fallback=True,
+    ),
+    glibc="2.28",
+    python="3.11",
+)  # fmt: skip
+MANIFEST = replace(
+    _manifest,
+    model_source=ModelSource(repo_id="org/tiny", commit="a" * 40),
+    requires=REQUIRES,
+)
 MANIFEST_BYTES = MANIFEST.to_bytes()
 # Two valid signatures and one by a key the root does not know: lists of several objects.
 SIGNATURE_BLOCK = SIM.signature_block(MANIFEST_BYTES, [*SIM.bundle_keys[:2], *make_keys(1)])
@@ -210,6 +227,7 @@ def test_the_documents_are_valid() -> None:
     """The starting points parse and verify: each mutation below changes a valid document."""
     manifest = BundleManifest.from_bytes(MANIFEST_BYTES)
     assert manifest.environment == ENVIRONMENT and manifest.model_source is not None
+    assert manifest.requires == REQUIRES
     head = BundleHead(MANIFEST_BYTES, SIGNATURE_BLOCK, 0)
     assert len(verify_head(head, root=SIM.root, now=SIM.now).signers) == 2
     assert verify_root(SignedRoot.from_bytes(ROOT_V1_BYTES))

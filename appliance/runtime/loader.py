@@ -11,24 +11,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-from appliance.environment import env_python
+from appliance.limits import HOST_LIMITS
 from appliance.runtime.base import Backend, RuntimeSettings
-from appliance.slots import BUNDLE_DIR, PAYLOAD_DIR
+from appliance.slots import SlotPaths, env_python
 from signing.errors import IntegrityError, ModelError
 from signing.manifest import BundleManifest
-
-HEALTH_CHECK_TIMEOUT_S = 300.0
 
 
 def slot_runtime_settings(slot: Path, *, parallel: int = 4) -> RuntimeSettings:
     """The runtime settings of a slot, from the manifest that was verified at install."""
+    paths = SlotPaths(slot)
     try:
-        manifest = BundleManifest.from_bytes((slot / BUNDLE_DIR / "manifest.json").read_bytes())
+        manifest = BundleManifest.from_bytes(paths.manifest.read_bytes())
     except OSError as exc:
         raise IntegrityError(f"slot {slot.name} has no readable manifest: {exc}") from None
     return RuntimeSettings.from_manifest(
         manifest.runtime,
-        model_path=slot / PAYLOAD_DIR / manifest.model_path,
+        model_path=paths.payload / manifest.model_path,
         model_id=manifest.name,
         parallel=parallel,
     )
@@ -48,7 +47,7 @@ def load_backend(settings: RuntimeSettings) -> Backend:
     return load_transformers(settings)
 
 
-def health_check(slot: Path, *, timeout_s: float = HEALTH_CHECK_TIMEOUT_S) -> str:
+def health_check(slot: Path, *, timeout_s: float = HOST_LIMITS.health_check_timeout_s) -> str:
     """Load the slot's model in a child process and generate a few tokens; return the text.
 
     The child runs under the slot environment's interpreter when the slot has one (its own

@@ -29,14 +29,13 @@ from pathlib import Path
 from typing import Final, NoReturn
 
 from appliance.apikeys import KeyStore
-from appliance.environment import env_python
 from appliance.installer import Appliance
 from appliance.runtime.base import Backend, RuntimeSettings
 from appliance.runtime.loader import load_backend, slot_runtime_settings
 from appliance.server.holder import ModelHolder
 from appliance.server.run import run_server
 from appliance.server.settings import ServerSettings
-from appliance.slots import SlotInfo
+from appliance.slots import SlotInfo, env_python
 from signing.errors import AirgapError, StateError
 
 log = logging.getLogger(__name__)
