@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import shutil
-import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance import staging
+from appliance.faults import fault
 from appliance.fsutil import atomic_write
 from appliance.host import HostState, HostTime, Trial, check_signing_time, host_time
 from appliance.hostfacts import check_host
@@ -62,12 +61,6 @@ else:
         from appliance.runtime.loader import health_check as run  # noqa: PLC0415
 
         return run(*args, **kwargs)
-
-
-FAULT_ENV: Final = "APPLIANCE_FAULT_INJECT"
-# The faults of FAULT_ENV: "STEP" kills the process at STEP; "fill-disk:STEP" fills the file
-# system of the host root at STEP, so that every later write meets a real ENOSPC.
-_FILL_DISK: Final = "fill-disk:"
 
 
 class Progress(Protocol):
@@ -255,7 +248,7 @@ class Appliance:
                         limits=self.limits,
                         progress=progress.advance if progress else None,
                     )
-                _fault("after-payload", self.paths.root)
+                fault("after-payload", self.paths.root)
                 # I6: the verified head and the slot's own record, then fsync the tree.
                 self._write_slot_metadata(
                     slot_dir,
@@ -278,12 +271,12 @@ class Appliance:
             except BaseException:
                 shutil.rmtree(slot_dir, ignore_errors=True)
                 raise
-        _fault("after-commit", self.paths.root)
+        fault("after-commit", self.paths.root)
         # I9: switch `current` atomically; the old slot served until this instant. From here
         # on the outcome is "activated", whatever happens next.
         self.slots.activate(final)
         record.update(activated=True, slot=final.name)
-        _fault("after-switch", self.paths.root)
+        fault("after-switch", self.paths.root)
         # I10: remember the version and signing time; open the trial period in which `serve`
         # rolls back by itself if the model does not load; drop the oldest inactive slots. A
         # failure here leaves the host consistent: the slots are the ground truth that the next
@@ -524,27 +517,3 @@ def _bundle_fields(verified: VerifiedManifest) -> dict[str, Any]:
         "version": verified.manifest.version,
         "signers": sorted(verified.signers),
     }
-
-
-def _fault(step: str, root: Path) -> None:
-    """Fault injection for the crash and disk-full tests, at a named step (docs/adr/0004).
-
-    Only active when APPLIANCE_FAULT_INJECT names this step: ``STEP`` kills the process with
-    SIGKILL; ``fill-disk:STEP`` fills the host root's file system (``.fault-fill``) so that the
-    steps after it meet a real ENOSPC.
-    """
-    fault = os.environ.get(FAULT_ENV)
-    if fault == step:
-        os.kill(os.getpid(), signal.SIGKILL)
-    if fault == _FILL_DISK + step:
-        fd = os.open(root / ".fault-fill", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            for size in (1 << 20, 1 << 12, 1):  # down to the last partial block
-                block = bytes(size)
-                try:
-                    while os.write(fd, block):
-                        pass
-                except OSError:
-                    continue
-        finally:
-            os.close(fd)
