@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any, Final
 
 from appliance.fsutil import atomic_write
+from appliance.slots import HostPaths
 from signing.canonical import format_time
 from signing.errors import InputError, IntegrityError, StateError
 
-KEY_FILE: Final = "api-keys.json"
 KEY_PREFIX: Final = "sk-air-"
 FILE_MODE: Final = 0o600
 _FORMAT_VERSION: Final = 1
@@ -37,8 +37,9 @@ _SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
 
 
 def key_file(root: Path) -> Path:
-    """Where the keys of the appliance whose root directory is ``root`` live."""
-    return root / KEY_FILE
+    """Where the keys of the appliance whose root directory is ``root`` live (the layout is
+    appliance.slots's)."""
+    return HostPaths(root).api_keys
 
 
 def hash_key(key: str) -> str:

@@ -115,6 +115,10 @@ class HostPaths:
     def audit(self) -> Path:
         return self.root / "audit.jsonl"
 
+    @property
+    def api_keys(self) -> Path:
+        return self.root / "api-keys.json"
+
     def ensure(self) -> None:
         directories = (
             self.root,
