@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import click
 
@@ -24,7 +24,8 @@ from signing.errors import AirgapError, InputError, StateError
 
 if TYPE_CHECKING:
     from rich.console import Console
-    from rich.progress import Progress, TaskID
+    from rich.progress import Progress as RichProgress
+    from rich.progress import TaskID
 
 EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130
@@ -142,6 +143,16 @@ def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True))
 
 
+class Progress(Protocol):
+    """Where a long operation reports the bytes it has done: the one progress protocol of
+    both halves (install and verify on the host, writing a bundle on the builder).
+    :class:`ByteProgress` shows it on a terminal; callers may pass none."""
+
+    def start(self, total: int, description: str) -> None: ...
+
+    def advance(self, amount: int) -> None: ...
+
+
 class ByteProgress:
     """A rich progress bar over bytes, shown only when stderr is a terminal.
 
@@ -150,20 +161,20 @@ class ByteProgress:
     """
 
     def __init__(self) -> None:
-        self._progress: Progress | None = None
+        self._progress: RichProgress | None = None
         self._task: TaskID | None = None
         if not _may_be_terminal():
             return
         from rich.progress import (  # noqa: PLC0415 - only for a terminal
             BarColumn,
             DownloadColumn,
-            Progress,
             TimeRemainingColumn,
             TransferSpeedColumn,
         )
+        from rich.progress import Progress as RichProgress  # noqa: PLC0415
 
         console = _stderr()
-        self._progress = Progress(
+        self._progress = RichProgress(
             "[progress.description]{task.description}",
             BarColumn(),
             DownloadColumn(),

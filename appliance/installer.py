@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from appliance import staging
 from appliance.faults import fault
@@ -47,6 +47,7 @@ from signing.manifest import BundleManifest
 from signing.tarstream import TarReader
 
 if TYPE_CHECKING:
+    from appliance.console import Progress
     from appliance.envsetup import setup_environment
     from appliance.runtime.loader import health_check
 else:
@@ -61,12 +62,6 @@ else:
         from appliance.runtime.loader import health_check as run  # noqa: PLC0415
 
         return run(*args, **kwargs)
-
-
-class Progress(Protocol):
-    def start(self, total: int, description: str) -> None: ...
-
-    def advance(self, amount: int) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
+from appliance.console import Progress
 from builder.environment import prepare_environment, resolve_model
 from builder.hostreqs import host_requirements
 from builder.pack import (
@@ -34,13 +35,12 @@ RECIPE_ENTRY = "recipe.toml"
 MODEL_DIR = "model"
 
 
-class ByteBar(Protocol):
-    """A progress display over bytes (appliance.console.ByteProgress)."""
+class ByteBar(Progress, Protocol):
+    """The shared progress protocol (appliance.console.Progress) as a display that is opened
+    and closed around the write (appliance.console.ByteProgress)."""
 
     def __enter__(self) -> ByteBar: ...
     def __exit__(self, *_: object) -> None: ...
-    def start(self, total: int, description: str) -> None: ...
-    def advance(self, amount: int) -> None: ...
 
 
 class _NoBar:
