@@ -3,7 +3,7 @@
 Calls ``appliance.installer.Appliance`` directly (no CLI start-up), with:
 
 - different ``Limits`` (chunk size, number of buffers);
-- experimental staging sinks defined here, swapped in for ``appliance.installer.StagingSink``
+- experimental staging sinks defined here, swapped in for ``appliance.staging.StagingSink``
   for the duration of one run (the product code is not modified): an instrumented copy of the
   product's writer loop that records the time spent in ``os.write`` and ``fsync`` and the time
   the reader waited for a free buffer, and variants of it (``fdatasync``; ``fsync`` on a
@@ -53,8 +53,9 @@ from bench_bundle import (
     warm,
 )
 
-import appliance.installer as installer_module
-from appliance.installer import Appliance, InstallOptions, StagingSink
+import appliance.staging as staging_module
+from appliance.installer import Appliance, InstallOptions
+from appliance.staging import StagingSink
 from signing.bundle import Limits
 
 _SYNC_FILE_RANGE_WRITE = 2
@@ -137,7 +138,7 @@ class ExperimentSink(StagingSink):
                     continue
                 if op == "begin":
                     path = self._dir / arg
-                    installer_module._make_parents(path.parent, made_dirs)
+                    staging_module._make_parents(path.parent, made_dirs)
                     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
                     fd = os.open(path, flags, 0o644)
                     offset = 0
@@ -177,7 +178,7 @@ class ExperimentSink(StagingSink):
                 self._error = syncer_errors[0]
         if self._error is None:
             for directory in sorted(made_dirs, key=lambda p: len(p.parts), reverse=True):
-                installer_module.fsync_dir(directory)
+                staging_module.fsync_dir(directory)
         stats.fsync += time.perf_counter() - start
 
 
@@ -253,16 +254,16 @@ class Runner:
             # file off the kernel copy (CopyingSink) so that they are what runs.
             limits = dataclasses.replace(limits or Limits(), copy_window_bytes=0)
         app = Appliance(self.host, limits=limits)
-        original = installer_module.StagingSink
+        original = staging_module.StagingSink
         if mode is not None:
             ExperimentSink.mode = mode
-            installer_module.StagingSink = ExperimentSink  # type: ignore[misc]
+            staging_module.StagingSink = ExperimentSink  # type: ignore[misc]
         try:
             start = time.perf_counter()
             app.install(str(self.bundle), INSTALL_OPTIONS)
             return time.perf_counter() - start
         finally:
-            installer_module.StagingSink = original  # type: ignore[misc]
+            staging_module.StagingSink = original  # type: ignore[misc]
 
     def verify(self) -> float:
         start = time.perf_counter()
