@@ -44,6 +44,7 @@ from appliance.runtime.base import (
     SamplingParams,
     encode_prompt,
 )
+from signing.bounded import one_line
 from signing.errors import ModelError
 
 # The hub reads these when it is imported: set them first, unless the operator chose otherwise.
@@ -400,10 +401,8 @@ class _PenaltyProcessor(transformers.LogitsProcessor):  # type: ignore[misc]
         return scores - self._frequency * counts - self._presence * (counts > 0).to(scores.dtype)
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
+def _one_line(exc: BaseException) -> str:
+    text = one_line(exc, limit=300)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
