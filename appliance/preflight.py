@@ -163,7 +163,7 @@ def _cpu(cpu: CpuRequirement, facts: HostFacts) -> list[Check]:
             "cpu architecture",
             arch_ok,
             facts.cpu_arch,
-            cpu.arch,
+            f"{cpu.arch} (CPU dispatch)" if cpu.dispatch else cpu.arch,
             "" if arch_ok else f"use a bundle built for {facts.cpu_arch}, or an {cpu.arch} host",
         )
     ]

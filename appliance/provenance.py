@@ -1,7 +1,7 @@
 """What ``appliance status`` shows about where a slot's contents came from.
 
 Read from the slot's verified files: the signed manifest (``bundle/manifest.json``: the
-environment and the model's hub source) and the payload's CycloneDX SBOM.
+environment, the model's hub source and its memory table) and the payload's CycloneDX SBOM.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from appliance.slots import SlotPaths
 from signing.errors import FormatError
 from signing.manifest import BundleManifest
 from signing.provenance import SBOM_ENTRY, summarize_sbom
+from signing.requirements import MemoryEstimate
 
 
 def slot_provenance(slot: Path) -> dict[str, Any]:
-    """``{"environment", "model_source", "sbom"}`` of an installed slot (None where absent)."""
-    info: dict[str, Any] = {"environment": None, "model_source": None, "sbom": None}
+    """``{"environment", "model_source", "memory", "sbom"}`` of an installed slot (None where
+    absent)."""
+    info: dict[str, Any] = {"environment": None, "model_source": None, "memory": None, "sbom": None}
     paths = SlotPaths(slot)
     try:
         manifest = BundleManifest.from_bytes(paths.manifest.read_bytes())
@@ -27,6 +29,8 @@ def slot_provenance(slot: Path) -> dict[str, Any]:
         info["environment"] = manifest.environment.to_dict() | {"installed": paths.env.is_dir()}
     if manifest.model_source is not None:
         info["model_source"] = manifest.model_source.to_dict()
+    if manifest.requires is not None and manifest.requires.memory_estimate is not None:
+        info["memory"] = manifest.requires.memory_estimate.to_dict()
     sbom = paths.payload / SBOM_ENTRY
     if any(e.path == SBOM_ENTRY for e in manifest.entries) and sbom.is_file():
         info["sbom"] = summarize_sbom(sbom.read_bytes()) | {"path": str(sbom)}
@@ -45,6 +49,9 @@ def describe_provenance(info: dict[str, Any]) -> list[str]:
     src = info.get("model_source")
     if src:
         lines.append(f"  model    {src['repo_id']} at commit {src['commit']}")
+    memory = info.get("memory")
+    if memory:
+        lines.append(f"  memory   {MemoryEstimate.from_dict(memory).summary()}")
     sbom = info.get("sbom")
     if sbom:
         if "error" in sbom:

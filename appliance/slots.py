@@ -23,6 +23,8 @@ and one slot::
     bundle/manifest.json     the verified manifest, bundle/signatures.json its signatures
     payload/...              the payload files, as the manifest lists them
     env/                     the package environment set up in step I7, if the bundle has one
+    cpu-variant.json         the llama.cpp CPU variant this host can execute, chosen by the
+                             health check (appliance.runtime.cpuvariant); absent otherwise
 
 A directory under ``slots/`` only ever appears by an atomic rename of a fully written and
 fsynced staging directory, so every slot found there is complete. Removal goes the other way:
@@ -177,6 +179,11 @@ class SlotPaths:
     def env_python(self) -> Path:
         """Where an environment's interpreter is (a venv's, or a conda env's that has one)."""
         return self.env_bin / "python"
+
+    @property
+    def cpu_variant(self) -> Path:
+        """The remembered llama.cpp CPU variant for this host (appliance.runtime.cpuvariant)."""
+        return self.path / "cpu-variant.json"
 
     def env_site_packages(self, python: str) -> Path:
         """The environment's site-packages for Python ``python`` (``"3.12"``)."""

@@ -33,6 +33,8 @@ class Artifact:
     subdir: str | None = None  # conda only: linux-64, noarch, ...
     origin: Literal["index", "built"] = "index"
     source_sha256: str | None = None  # for origin "built": the sdist's locked sha256
+    # for a llama.cpp build: how it treats the CPU (builder.llamabuild.CpuBuild)
+    cpu_build: str | None = None
 
     def __post_init__(self) -> None:
         if "/" in self.filename or self.filename in ("", ".", ".."):

@@ -17,6 +17,7 @@ from typing import Protocol
 from appliance.console import Progress
 from builder.environment import prepare_environment, resolve_model
 from builder.hostreqs import host_requirements
+from builder.memtable import model_memory
 from builder.pack import (
     DEFAULT_SIGNATURE_SPACE,
     PayloadFile,
@@ -145,6 +146,7 @@ def build_bundle(
             payload_bytes=sum(r.size for r in records.values()),
             packages=[f for f in files if f.kind == "package"],
             artifacts=env.artifacts if env else [],
+            memory_estimate=model_memory(recipe, model.source_path, say=say),
         )
         manifest = BundleManifest(
             name=recipe.bundle.name,

@@ -322,6 +322,8 @@ def inspect(bundle: Path, root_json: Path | None, as_json: bool) -> None:
     if manifest.model_source is not None:
         src = manifest.model_source
         click.echo(f"  from   {src.repo_id} at commit {src.commit}")
+    if manifest.requires is not None and manifest.requires.memory_estimate is not None:
+        click.echo(f"memory   {manifest.requires.memory_estimate.summary()}")
     env = manifest.environment
     if env is not None:
         packages = [e for e in manifest.entries if e.kind == "package"]

@@ -7,8 +7,9 @@ This is the orchestration behind ``appliance-builder lock`` and ``build`` (docs/
 2. select the artifacts for the *target* platform and Python (builder.pipread and
    builder.wheels, builder.condaenv);
 3. fetch them by hash into the content-addressed cache (builder.fetch, builder.cache);
-4. build the allowed sdists into wheels on the builder (pip only, builder.sdist), cached by
-   sdist hash and build settings so that a rebuild does not compile again;
+4. build the allowed sdists into wheels on the builder (pip only, builder.sdist), for the
+   target (builder.llamabuild), cached by sdist hash and effective build settings so that a
+   rebuild does not compile again;
 5. write the install list the host installs from, and describe everything for the manifest
    (``EnvironmentSpec``) and the SBOM.
 
@@ -17,7 +18,6 @@ Hub models are fetched here too (builder.hub), so that ``build`` sees one local 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable, Mapping
@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder.artifacts import Artifact
-from builder.cache import Cache, write_atomically
+from builder.cache import Cache
 from builder.condaenv import conda_install_list, load_conda_artifacts, lock_conda
 from builder.fetch import fetch_all
 from builder.hub import fetch_hub_model
 from builder.pack import PayloadFile
 from builder.piplock import lock_pip
 from builder.pipread import load_pip_lock
-from builder.recipe import CondaEnvironment, PipEnvironment, Recipe
+from builder.recipe import CondaEnvironment, PipEnvironment, Recipe, RequiresSection
 from builder.sdist import build_wheels
 from builder.wheels import pip_install_list, select_pip_artifacts
 from signing.errors import LockError, RecipeError
@@ -91,7 +91,16 @@ def prepare_environment(
         lock_path = lock_environment(recipe_path, recipe)
     cache = Cache()
     if isinstance(env, PipEnvironment):
-        prepared = _prepare_pip(env, lock_path, cache, work, jobs=jobs, progress=progress, say=say)
+        prepared = _prepare_pip(
+            env,
+            lock_path,
+            cache,
+            work,
+            requires=recipe.requires,
+            jobs=jobs,
+            progress=progress,
+            say=say,
+        )
     else:
         prepared = _prepare_conda(
             env, lock_path, cache, work, jobs=jobs, progress=progress, say=say
@@ -108,6 +117,7 @@ def _prepare_pip(
     cache: Cache,
     work: Path,
     *,
+    requires: RequiresSection,
     jobs: int,
     progress: bool | None,
     say: Say,
@@ -118,23 +128,18 @@ def _prepare_pip(
         f"Python {env.python}, checked against {lock_path.name}"
     )
     fetched = fetch_all([*wheels, *sdists], cache, jobs=jobs, progress=progress)
-    built: list[tuple[Artifact, Path]] = []
-    to_build: list[tuple[Artifact, Path]] = []
-    for sdist in sdists:
-        hit = _built_lookup(cache, sdist, env)
-        if hit is not None:
-            built.append(hit)
-        else:
-            to_build.append((sdist, fetched[sdist.sha256]))
-    if to_build:
-        names = ", ".join(f"{a.name} {a.version}" for a, _ in to_build)
-        say(f"building from sdist on this machine: {names}")
-        for sdist_and_wheel in zip(
-            to_build, build_wheels(to_build, env, work, isolation=env.build_isolation), strict=True
-        ):
-            (sdist, _), (wheel, path) = sdist_and_wheel
-            cached = _built_store(cache, sdist, env, wheel, path)
-            built.append((wheel, cached))
+    if sdists:
+        names = ", ".join(f"{a.name} {a.version}" for a in sdists)
+        say(f"building from sdist on this machine (or from the build cache): {names}")
+    built = build_wheels(
+        [(sdist, fetched[sdist.sha256]) for sdist in sdists],
+        env,
+        work,
+        isolation=env.build_isolation,
+        requires=requires,
+        cache=cache,
+        say=say,
+    )
     artifacts = sorted([*wheels, *(a for a, _ in built)], key=lambda a: a.filename)
     paths = {a.sha256: fetched[a.sha256] for a in wheels} | {a.sha256: p for a, p in built}
     install_list = work / "requirements.txt"
@@ -229,52 +234,6 @@ def _spec(
         packages=packages,
         smoke_imports=tuple(env.smoke_imports),
     )
-
-
-# -- the cache of builder-built wheels ---------------------------------------------------------
-#
-# A wheel built from an sdist is remembered under a key made of the sdist's hash, the target and
-# the build settings (a CUDA build must never be served from a CPU build's cache entry). The
-# record names the wheel's sha256; the wheel itself lies in the content-addressed cache and is
-# re-hashed on every use like any other artifact.
-
-
-def _built_key(sdist: Artifact, env: PipEnvironment) -> str:
-    settings = {
-        "sdist": sdist.sha256,
-        "platform": env.platform,
-        "python": env.python,
-        "build_env": dict(sorted(env.build_env.items())),
-    }
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
-def _built_record(cache: Cache, sdist: Artifact, env: PipEnvironment) -> Path:
-    return cache.root / "built" / f"{_built_key(sdist, env)}.json"
-
-
-def _built_lookup(
-    cache: Cache, sdist: Artifact, env: PipEnvironment
-) -> tuple[Artifact, Path] | None:
-    record = _built_record(cache, sdist, env)
-    try:
-        data = json.loads(record.read_text())
-    except (OSError, ValueError):
-        return None
-    wheel = Artifact(**data)
-    path = cache.lookup(wheel.sha256)
-    if path is None:
-        return None
-    return wheel, path
-
-
-def _built_store(
-    cache: Cache, sdist: Artifact, env: PipEnvironment, wheel: Artifact, path: Path
-) -> Path:
-    stored = cache.add(path, wheel.sha256)
-    fields = {k: getattr(wheel, k) for k in Artifact.__dataclass_fields__}
-    write_atomically(_built_record(cache, sdist, env), json.dumps(fields, sort_keys=True).encode())
-    return stored
 
 
 # -- the model ------------------------------------------------------------------------------

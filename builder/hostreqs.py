@@ -2,10 +2,12 @@
 
 Made from the recipe (``[requires]``, docs/recipe.md) and the environment as built, never from
 the builder's own hardware unless the recipe makes the builder's hardware matter (DESIGN.md,
-invariant 9): a package compiled here from its sdist carries this machine's glibc, and, unless
-the recipe names a ``cpu_level``, this machine's CPU level (llama.cpp compiles for the native
-CPU by default); so those are recorded, and a host without them is refused before the install
-writes anything.
+invariant 9): a package compiled here from its sdist carries this machine's glibc, so that is
+recorded, and a host without it is refused before the install writes anything. Its CPU needs
+are what the build made of it (builder.llamabuild): a llama.cpp build with runtime CPU dispatch
+needs only the architecture's baseline (``dispatch``), one for an explicit ``cpu_level`` that
+level, a native one (the recipe's ``build_env`` asked for it) this machine's level; any other
+compiled sdist, whose build system we do not know, this machine's level too, to be safe.
 
 - CPU architecture: the environment's platform (``manylinux_2_28_x86_64``, conda ``linux-64``),
   else the recipe's level; none for a bundle without environment or CPU keys.
@@ -17,9 +19,12 @@ writes anything.
   its zip directory) and the byte-compiled ``.py`` files (counted at their source size); a
   conda package at four times its size (they are compressed, and rattler hard-links from a
   cache in the slot).
-- Memory and GPU memory: ``memory_mib`` and ``gpu_memory_mib`` when the recipe gives them, else a
-  rough estimate from the model files (``MODEL_OVERHEAD`` of them plus a fixed runtime share),
-  until the memory table of the GGUF replaces it.
+- Memory and GPU memory: ``memory_mib`` and ``gpu_memory_mib`` when the recipe gives them, else
+  the memory table of the GGUF (builder.memtable, recorded beside as ``memory_estimate``): its
+  total for RAM, and, when every layer is offloaded (``gpu_layers`` unset or -1), its weights,
+  KV cache and compute buffers plus ``RUNTIME_VRAM`` for GPU memory. Without a table (not a
+  llama.cpp bundle of one GGUF file) or for a partial offload, a rough estimate from the model
+  files (``MODEL_OVERHEAD`` of them plus a fixed runtime share).
 """
 
 from __future__ import annotations
@@ -36,15 +41,18 @@ from typing import Final
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from builder.artifacts import Artifact
+from builder.llamabuild import DISPATCH
 from builder.pack import PayloadFile
 from builder.recipe import CondaEnvironment, PipEnvironment, Recipe, RequiresSection
 from builder.target import parse_target_platform
 from signing.errors import LockError, RecipeError
 from signing.requirements import (
     CPU_ARCHES,
+    X86_64_LEVELS,
     CpuRequirement,
     GpuRequirement,
     HostRequirements,
+    MemoryEstimate,
     cuda_arch_key,
     parse_cpu_flags,
     version_tuple,
@@ -70,20 +78,24 @@ def host_requirements(
     payload_bytes: int,
     packages: Sequence[PayloadFile] = (),
     artifacts: Sequence[Artifact] = (),
+    memory_estimate: MemoryEstimate | None = None,
 ) -> HostRequirements:
     """The bundle's ``requires`` (module docstring); ``packages`` are the environment's package
-    files and ``artifacts`` what they were made from."""
+    files, ``artifacts`` what they were made from, ``memory_estimate`` the model's memory table."""
     wanted = recipe.requires
     env = recipe.environment
     compiled = [a for a in artifacts if a.origin == "built" and not _is_pure(a.filename)]
-    memory = _mib(wanted.memory_mib) or int(model_bytes * MODEL_OVERHEAD) + RUNTIME_RAM
+    table = memory_estimate
+    rough = int(model_bytes * MODEL_OVERHEAD) + RUNTIME_RAM
+    memory = _mib(wanted.memory_mib) or (table.total_bytes if table else rough)
     return HostRequirements(
         memory_bytes=memory,
         disk_bytes=payload_bytes + sum(_expansion(p) for p in packages),
-        cpu=_cpu(wanted, env, compiled=bool(compiled)),
-        gpu=_gpu(wanted, model_bytes=model_bytes, compiled=bool(compiled)),
+        cpu=_cpu(wanted, env, compiled=compiled),
+        gpu=_gpu(recipe, model_bytes=model_bytes, compiled=bool(compiled), table=table),
         glibc=_glibc(env, artifacts, compiled=bool(compiled)),
         python=env.python if env is not None else None,
+        memory_estimate=table,
     )
 
 
@@ -122,7 +134,10 @@ def builder_glibc() -> str:
 
 
 def _cpu(
-    wanted: RequiresSection, env: PipEnvironment | CondaEnvironment | None, *, compiled: bool
+    wanted: RequiresSection,
+    env: PipEnvironment | CondaEnvironment | None,
+    *,
+    compiled: Sequence[Artifact],
 ) -> CpuRequirement | None:
     arch = _arch(env) if env is not None else None
     if arch is None and wanted.cpu_level is not None:
@@ -134,12 +149,19 @@ def _cpu(
             )
         return None
     level: str | None = wanted.cpu_level
-    if level is None and compiled and arch == "x86_64":
+    builds = {a.cpu_build for a in compiled}
+    native = bool(builds - {DISPATCH, *X86_64_LEVELS})  # a native build, or one we cannot tell
+    if level is None and native and arch == "x86_64":
         # Compiled here for this CPU (llama.cpp's GGML_NATIVE): the host needs its level.
         level = x86_64_level(_builder_flags())
     if level is not None and arch != "x86_64":
         raise RecipeError(f"requires.cpu_level {level} is for x86_64, the target is {arch}")
-    return CpuRequirement(arch=arch, level=level, flags=tuple(sorted(set(wanted.cpu_flags))))
+    return CpuRequirement(
+        arch=arch,
+        level=level,
+        flags=tuple(sorted(set(wanted.cpu_flags))),
+        dispatch=DISPATCH in builds,
+    )
 
 
 def _arch(env: PipEnvironment | CondaEnvironment) -> str | None:
@@ -151,7 +173,10 @@ def _arch(env: PipEnvironment | CondaEnvironment) -> str | None:
     return machine if machine in CPU_ARCHES else None
 
 
-def _gpu(wanted: RequiresSection, *, model_bytes: int, compiled: bool) -> GpuRequirement | None:
+def _gpu(
+    recipe: Recipe, *, model_bytes: int, compiled: bool, table: MemoryEstimate | None
+) -> GpuRequirement | None:
+    wanted = recipe.requires
     if not wanted.cuda_architectures:
         return None
     version = wanted.cuda_version or (_nvcc() if compiled else None)
@@ -160,7 +185,11 @@ def _gpu(wanted: RequiresSection, *, model_bytes: int, compiled: bool) -> GpuReq
             "requires.cuda_architectures needs cuda_version: the CUDA version the runtime was "
             "built with (found by nvcc only when the builder compiles it)"
         )
-    memory = _mib(wanted.gpu_memory_mib) or int(model_bytes * MODEL_OVERHEAD) + RUNTIME_VRAM
+    if table is not None and recipe.runtime.gpu_layers in (None, -1):  # every layer offloaded
+        estimate = table.allocated_bytes + RUNTIME_VRAM
+    else:
+        estimate = int(model_bytes * MODEL_OVERHEAD) + RUNTIME_VRAM
+    memory = _mib(wanted.gpu_memory_mib) or estimate
     return GpuRequirement(
         cuda_architectures=tuple(sorted(set(wanted.cuda_architectures), key=cuda_arch_key)),
         cuda_version=version,

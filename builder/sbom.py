@@ -141,6 +141,8 @@ def _package_component(artifact: Artifact, kind: str) -> Component:
             props.append(
                 Property(name=f"{PROPERTY_PREFIX}:sdist-sha256", value=artifact.source_sha256)
             )
+        if artifact.cpu_build:  # a llama.cpp build: dispatch, a CPU level, or native
+            props.append(Property(name=f"{PROPERTY_PREFIX}:cpu-build", value=artifact.cpu_build))
     props.append(Property(name=f"{PROPERTY_PREFIX}:source-url", value=artifact.url))
     hashes = [HashType(alg=HashAlgorithm.SHA_256, content=artifact.sha256)]
     if artifact.md5:

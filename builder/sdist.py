@@ -8,23 +8,36 @@ libc and machine. The wheel is checked to be the sdist's name and version and to
 target's tags, and is built with ``SOURCE_DATE_EPOCH`` set, so that two builds give one hash.
 Every refusal is one line: :class:`~signing.errors.ArtifactError` for an sdist that is not the
 locked file, :class:`~signing.errors.LockError` for a build that fails or makes the wrong wheel.
+
+An sdist built with llama.cpp's CMake is compiled for the target, not for this machine
+(builder.llamabuild: runtime CPU dispatch by default, or the recipe's ``cpu_level``; CUDA for
+the recipe's ``cuda_architectures``). Compiling llama-cpp-python takes minutes, and pip's own
+wheel cache does not key on ``CMAKE_ARGS``, so the wheels built here are kept in the builder's
+content-addressed cache (builder.cache) under a key of everything that makes the wheel: the
+sdist's sha256, the *effective* build environment, the target, pip's isolation, and this
+builder's Python and platform (:func:`build_key`). A second build, or CI, takes the wheel
+from there (re-hashed, as every cache hit) instead of compiling again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
 from builder.artifacts import Artifact
-from builder.cache import sha256_file
-from builder.recipe import PipEnvironment
+from builder.cache import Cache, sha256_file, write_atomically
+from builder.llamabuild import describe_build, llama_build, uses_llama_cpp_cmake
+from builder.recipe import PipEnvironment, RequiresSection
 from builder.target import check_builder_is_target, target_label, target_tags
 from signing.errors import ArtifactError, LockError
 
@@ -37,8 +50,16 @@ def build_wheels(
     workdir: Path,
     *,
     isolation: bool = False,
+    requires: RequiresSection | None = None,
+    cache: Cache | None = None,
+    say: Callable[[str], None] = lambda _: None,
 ) -> list[tuple[Artifact, Path]]:
     """Build each (already fetched) sdist into a wheel on this machine, in order.
+
+    ``requires`` is the recipe's ``[requires]`` (its ``cpu_level`` and ``cuda_architectures``
+    decide how a llama.cpp sdist is compiled); with ``cache``, a wheel built before under the
+    same :func:`build_key` is taken from it, and a new one is stored there (the returned path
+    is then the cache's file).
 
     Each sdist is copied under ``workdir`` by its file name (pip recognizes an sdist by its
     name; a content-addressed cache file has none) and hashed there again (ArtifactError when
@@ -60,8 +81,20 @@ def build_wheels(
     check_builder_is_target(env)
     tags = set(target_tags(env.platform, env.python))
     label = target_label(env)
+    wanted = requires if requires is not None else RequiresSection()
     built = []
     for sdist, path in sdists:
+        build_env: Mapping[str, str] = env.build_env
+        cpu_build = None
+        if uses_llama_cpp_cmake(sdist.name, path):
+            llama = llama_build(env.build_env, wanted)
+            build_env, cpu_build = llama.build_env, llama.cpu
+            say(f"{sdist.name} {sdist.version}: {describe_build(llama)}")
+        key = build_key(sdist, env, build_env, isolation=isolation)
+        if cache is not None and (hit := _cached_wheel(cache, key)) is not None:
+            say(f"{sdist.name} {sdist.version}: built before, taken from {hit[1]}")
+            built.append(hit)
+            continue
         # pip knows an sdist by its file name; a content-addressed cache file has none.
         staged = workdir / "built" / sdist.sha256
         if staged.exists():
@@ -78,7 +111,7 @@ def build_wheels(
             )
         command = [sys.executable, "-m", "pip", "wheel", "--no-deps"]
         command += ["--disable-pip-version-check", "--no-input", "--wheel-dir", str(out)]
-        if isolation and not env.build_env and sdist.url.startswith(("https://", "http://")):
+        if isolation and not build_env and sdist.url.startswith(("https://", "http://")):
             # pip keys the wheels it built by the sdist's URL and sha256: an sdist that pip
             # already compiled on this machine (llama-cpp-python: minutes) is not compiled
             # again. Never with build_env: a CUDA build must not come from a CPU build's cache.
@@ -95,7 +128,7 @@ def build_wheels(
             command += ["--no-cache-dir", "--no-index", "--no-build-isolation"]
         if command[-1] != f"{sdist.name} @ {sdist.url}#sha256={sdist.sha256}":
             command.append(str(source))
-        run_env = os.environ | {"PIP_CONFIG_FILE": os.devnull} | dict(env.build_env)
+        run_env = os.environ | {"PIP_CONFIG_FILE": os.devnull} | dict(build_env)
         run_env.setdefault("SOURCE_DATE_EPOCH", REPRODUCIBLE_EPOCH)  # wheel zip timestamps
         result = subprocess.run(command, capture_output=True, text=True, env=run_env, check=False)
         made = sorted(out.glob("*.whl"))
@@ -126,9 +159,55 @@ def build_wheels(
             size=wheel.stat().st_size,
             origin="built",
             source_sha256=sdist.sha256,
+            cpu_build=cpu_build,
         )
+        if cache is not None:
+            wheel = _store_wheel(cache, key, artifact, wheel)
         built.append((artifact, wheel))
     return built
+
+
+def build_key(
+    sdist: Artifact, env: PipEnvironment, build_env: Mapping[str, str], *, isolation: bool
+) -> str:
+    """What the wheel built from ``sdist`` depends on, hashed (module docstring): the sdist,
+    the effective build environment, the target, pip's isolation, and this builder's Python
+    (full version) and platform (machine, C library)."""
+    settings = {
+        "sdist": sdist.sha256,
+        "build_env": dict(sorted(build_env.items())),
+        "target": [env.platform, env.python],
+        "isolation": isolation,
+        "builder": [
+            sys.implementation.cache_tag,
+            platform.python_version(),
+            platform.machine(),
+            os.confstr("CS_GNU_LIBC_VERSION") or "",
+        ],
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _record(cache: Cache, key: str) -> Path:
+    return cache.root / "built" / f"{key}.json"
+
+
+def _cached_wheel(cache: Cache, key: str) -> tuple[Artifact, Path] | None:
+    """The wheel built before under ``key``: its record, and the file re-hashed by the cache."""
+    try:
+        data = json.loads(_record(cache, key).read_text())
+        wheel = Artifact(**data)
+    except (OSError, ValueError, TypeError):
+        return None  # no record, or one this builder cannot read: build again
+    path = cache.lookup(wheel.sha256, wheel)
+    return None if path is None else (wheel, path)
+
+
+def _store_wheel(cache: Cache, key: str, wheel: Artifact, path: Path) -> Path:
+    stored = cache.add(path, wheel.sha256, verified=True)
+    fields = {k: getattr(wheel, k) for k in Artifact.__dataclass_fields__}
+    write_atomically(_record(cache, key), json.dumps(fields, sort_keys=True).encode())
+    return stored
 
 
 def _same_version(version: Version, text: str) -> bool:

@@ -8,3 +8,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade "pip==25.3"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+# qemu-user runs the portable-runtime test under an emulated CPU without AVX-512
+# (tests/test_portable_runtime.py); installed when missing, as root, where apt exists.
+if ! command -v qemu-x86_64 >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user) \
+      >/dev/null 2>&1 || echo "setup: could not install qemu-user; the emulated-CPU test will skip" >&2
+  else
+    echo "setup: qemu-user is not installed (needs root and apt-get); the emulated-CPU test will skip" >&2
+  fi
+fi

@@ -10,6 +10,10 @@ JSON type is checked before its value is used; lists are sorted and free of dupl
 optional fields are absent rather than null or empty, so that a parsed object re-encodes to the
 very bytes that were signed.
 
+The memory table (``requires.memory_estimate``) says how ``memory_bytes`` came about when the
+builder computed it from the model (builder.memtable): weights, KV cache, compute buffers and
+the runtime's overhead, for a context size, a number of parallel sequences and a KV cache type.
+
 The x86-64 microarchitecture levels are those of the x86-64 psABI (the levels GCC's and clang's
 ``-march=x86-64-vN`` and glibc's ``ld.so --help`` name), spelt with the flag names Linux prints
 in ``/proc/cpuinfo``: ``pni`` is SSE3, ``abm`` is LZCNT, ``lahf_lm`` is LAHF/SAHF in long mode,
@@ -41,6 +45,11 @@ X86_64_LEVELS: Final[Mapping[str, frozenset[str]]] = {
 CPU_ARCHES: Final = frozenset({"x86_64", "aarch64", "ppc64le", "s390x", "riscv64"})
 MAX_FLAGS: Final = 64
 MAX_CUDA_ARCHITECTURES: Final = 32
+# llama.cpp's KV cache types (its --cache-type-k/-v), by ggml's names.
+KV_TYPES: Final = frozenset(
+    {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"}
+)
+MAX_PARALLEL: Final = 256  # llama.cpp's LLAMA_MAX_SEQ
 
 _FLAG_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.]{0,31}")
 # "80", "86", "90a", "100f", "120": CMake's CUDA_ARCHITECTURES, without -real/-virtual.
@@ -87,11 +96,18 @@ def cuda_arch_key(arch: str) -> tuple[int, str]:
 @dataclass(frozen=True)
 class CpuRequirement:
     """The CPU the runtime was built for: its architecture, and optionally an x86-64 level
-    and single flags beyond it (``/proc/cpuinfo`` names)."""
+    and single flags beyond it (``/proc/cpuinfo`` names).
+
+    ``dispatch`` says that the runtime ships its CPU kernels in several variants beside a
+    baseline one (llama.cpp's ``GGML_CPU_ALL_VARIANTS``) and the host picks the best it can
+    execute (appliance.runtime.cpuvariant): ``level`` is then the lowest level a variant
+    covers (absent: the architecture's baseline). Encoded as ``"dispatch": true``, or absent.
+    """
 
     arch: str
     level: str | None = None
     flags: tuple[str, ...] = ()
+    dispatch: bool = False
 
     def __post_init__(self) -> None:
         what = f"{_WHAT} cpu"
@@ -103,6 +119,8 @@ class CpuRequirement:
             if self.arch != "x86_64":
                 raise FormatError(f"{what}: level {self.level} needs arch x86_64")
         _check_names(self.flags, _FLAG_RE, what=f"{what} flags", limit=MAX_FLAGS)
+        if not isinstance(self.dispatch, bool):
+            raise FormatError(f"{what}: dispatch must be true or false")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"arch": self.arch}
@@ -110,15 +128,22 @@ class CpuRequirement:
             out["level"] = self.level
         if self.flags:
             out["flags"] = list(self.flags)
+        if self.dispatch:
+            out["dispatch"] = True
         return out
 
     @classmethod
     def from_dict(cls, value: object) -> CpuRequirement:
-        obj = _object(value, {"arch"}, optional={"level", "flags"}, what=f"{_WHAT} cpu")
+        what = f"{_WHAT} cpu"
+        obj = _object(value, {"arch"}, optional={"level", "flags", "dispatch"}, what=what)
+        if "dispatch" in obj and obj["dispatch"] is not True:
+            # false would not re-encode to the bytes that were signed: it is left out
+            raise FormatError(f"{what}: dispatch must be true or left out")
         return cls(
             arch=obj["arch"],
-            level=_optional(obj, "level", what=f"{_WHAT} cpu"),
-            flags=_nonempty_list(obj, "flags", what=f"{_WHAT} cpu"),
+            level=_optional(obj, "level", what=what),
+            flags=_nonempty_list(obj, "flags", what=what),
+            dispatch="dispatch" in obj,
         )
 
 
@@ -177,6 +202,68 @@ class GpuRequirement:
 
 
 @dataclass(frozen=True)
+class MemoryEstimate:
+    """The memory table: what the model needs for ``parallel`` sequences of ``context_size``
+    tokens each with a KV cache of ``kv_type``; ``total_bytes`` is the sum of the four parts
+    (docs/preflight.md, "How memory is estimated")."""
+
+    context_size: int
+    parallel: int
+    kv_type: str
+    weights_bytes: int
+    kv_cache_bytes: int
+    compute_bytes: int
+    overhead_bytes: int
+    total_bytes: int
+
+    def __post_init__(self) -> None:
+        what = f"{_WHAT} memory_estimate"
+        if not is_int(self.context_size) or not 16 <= self.context_size <= MAX_INT:
+            raise FormatError(f"{what}: context_size must be an integer >= 16")
+        if not is_int(self.parallel) or not 1 <= self.parallel <= MAX_PARALLEL:
+            raise FormatError(f"{what}: parallel must be an integer from 1 to {MAX_PARALLEL}")
+        if not isinstance(self.kv_type, str) or self.kv_type not in KV_TYPES:
+            raise FormatError(f"{what}: kv_type must be one of {sorted(KV_TYPES)}")
+        for name in ("weights", "kv_cache", "compute", "overhead", "total"):
+            _check_size(getattr(self, f"{name}_bytes"), what=f"{what} {name}_bytes")
+        parts = self.weights_bytes + self.kv_cache_bytes + self.compute_bytes + self.overhead_bytes
+        if self.total_bytes != parts:
+            raise FormatError(f"{what}: total_bytes is not the sum of the parts")
+
+    @property
+    def allocated_bytes(self) -> int:
+        """The part llama.cpp allocates itself: all but the runtime's overhead."""
+        return self.weights_bytes + self.kv_cache_bytes + self.compute_bytes
+
+    def summary(self) -> str:
+        """One line: the total, what it is for, and its parts in MiB."""
+        return (
+            f"{format_mib(self.total_bytes)} for {self.parallel} x {self.context_size} tokens "
+            f"(weights {format_mib(self.weights_bytes)}, KV {format_mib(self.kv_cache_bytes)} "
+            f"{self.kv_type}, compute {format_mib(self.compute_bytes)}, overhead "
+            f"{format_mib(self.overhead_bytes)})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "context_size": self.context_size,
+            "parallel": self.parallel,
+            "kv_type": self.kv_type,
+            "weights_bytes": self.weights_bytes,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "compute_bytes": self.compute_bytes,
+            "overhead_bytes": self.overhead_bytes,
+            "total_bytes": self.total_bytes,
+        }
+
+    @classmethod
+    def from_dict(cls, value: object) -> MemoryEstimate:
+        keys = set(cls.__dataclass_fields__)
+        obj = _object(value, keys, what=f"{_WHAT} memory_estimate")
+        return cls(**obj)
+
+
+@dataclass(frozen=True)
 class HostRequirements:
     """Everything the host must offer before the installer writes a byte (step I3).
 
@@ -191,6 +278,7 @@ class HostRequirements:
     gpu: GpuRequirement | None = None
     glibc: str | None = None
     python: str | None = None
+    memory_estimate: MemoryEstimate | None = None  # how memory_bytes came about, when computed
 
     def __post_init__(self) -> None:
         _check_size(self.memory_bytes, what=f"{_WHAT} memory_bytes")
@@ -207,6 +295,10 @@ class HostRequirements:
             not isinstance(self.python, str) or not _PYTHON_RE.fullmatch(self.python)
         ):
             raise FormatError(f"{_WHAT}: python must look like '3.11', got {quote(self.python)}")
+        if self.memory_estimate is not None and not isinstance(
+            self.memory_estimate, MemoryEstimate
+        ):
+            raise FormatError(f"{_WHAT}: memory_estimate must be a MemoryEstimate")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"memory_bytes": self.memory_bytes, "disk_bytes": self.disk_bytes}
@@ -218,6 +310,8 @@ class HostRequirements:
             out["glibc"] = self.glibc
         if self.python is not None:
             out["python"] = self.python
+        if self.memory_estimate is not None:
+            out["memory_estimate"] = self.memory_estimate.to_dict()
         return out
 
     @classmethod
@@ -225,7 +319,7 @@ class HostRequirements:
         obj = _object(
             value,
             {"memory_bytes", "disk_bytes"},
-            optional={"cpu", "gpu", "glibc", "python"},
+            optional={"cpu", "gpu", "glibc", "python", "memory_estimate"},
             what=_WHAT,
         )
         return cls(
@@ -235,6 +329,11 @@ class HostRequirements:
             gpu=GpuRequirement.from_dict(obj["gpu"]) if "gpu" in obj else None,
             glibc=_optional(obj, "glibc", what=_WHAT),
             python=_optional(obj, "python", what=_WHAT),
+            memory_estimate=(
+                MemoryEstimate.from_dict(obj["memory_estimate"])
+                if "memory_estimate" in obj
+                else None
+            ),
         )
 
 
@@ -287,6 +386,11 @@ def _check_names(
     ordered = sorted(set(names), key=key)
     if list(names) != ordered:
         raise FormatError(f"{what}: must be sorted and without duplicates")
+
+
+def format_mib(n: int) -> str:
+    """``n`` bytes as MiB with one decimal: how the memory table is shown."""
+    return f"{n / (1 << 20):.1f} MiB"
 
 
 def _check_size(value: object, *, what: str) -> None:

@@ -299,6 +299,11 @@ def test_tiny_model_bundle(tmp_path: Path, world: World) -> None:
         manifest = json.loads(read_head(open_bundle(fh, limits), limits).manifest_bytes)
     assert manifest["model"] == {"path": "model/tiny.gguf"}
     assert manifest["entries"][0]["size"] == model.stat().st_size
+    # The memory table of the GGUF, for the recipe's context and the runtime's parallel.
+    table = manifest["requires"]["memory_estimate"]
+    assert (table["context_size"], table["parallel"], table["kv_type"]) == (256, 4, "f16")
+    assert manifest["requires"]["memory_bytes"] == table["total_bytes"]
+    assert "memory   " in ok(builder("inspect", out)).out
 
 
 # -- inspect ----------------------------------------------------------------------------------

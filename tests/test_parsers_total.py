@@ -51,7 +51,12 @@ from signing.manifest import (
 )
 from signing.metadata import Root, SignedRoot, verify_root, verify_rotation
 from signing.provenance import summarize_sbom
-from signing.requirements import CpuRequirement, GpuRequirement, HostRequirements
+from signing.requirements import (
+    CpuRequirement,
+    GpuRequirement,
+    HostRequirements,
+    MemoryEstimate,
+)
 
 JSONPath = tuple[str | int, ...]
 """Where a value sits in a JSON document: object keys and list indexes from the top."""
@@ -88,13 +93,18 @@ _manifest, PAYLOAD = SIM.manifest(
 REQUIRES = HostRequirements(
     memory_bytes=1 << 30,
     disk_bytes=2 << 30,
-    cpu=CpuRequirement(arch="x86_64", level="x86-64-v3", flags=("aes", "avx512f")),
+    cpu=CpuRequirement(arch="x86_64", level="x86-64-v3", flags=("aes", "avx512f"), dispatch=True),
     gpu=GpuRequirement(
         cuda_architectures=("86", "90a"), cuda_version="12.4", memory_bytes=1 << 30,
         cpu_fallback=True,
     ),
     glibc="2.28",
     python="3.11",
+    memory_estimate=MemoryEstimate(
+        context_size=256, parallel=4, kv_type="f16", weights_bytes=1 << 20,
+        kv_cache_bytes=2 << 20, compute_bytes=3 << 20, overhead_bytes=512 << 20,
+        total_bytes=518 << 20,
+    ),
 )  # fmt: skip
 MANIFEST = replace(
     _manifest,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from signing.errors import InputError, ModelError
+from signing.requirements import MemoryEstimate
 
 FinishReason = Literal["stop", "length"]
 DEFAULT_CONTEXT = 2048
@@ -87,10 +88,19 @@ class RuntimeSettings:
     threads: int | None = None
     dtype: str | None = None
     parallel: int = 4  # sequences generated at once
+    slot: Path | None = None  # the slot it comes from (its remembered CPU variant: cpuvariant)
+    # The signed memory table, logged beside what the runtime allocates (none in old bundles).
+    memory_estimate: MemoryEstimate | None = None
 
     @classmethod
     def from_manifest(
-        cls, runtime: Mapping[str, Any], *, model_path: Path, model_id: str, parallel: int = 4
+        cls,
+        runtime: Mapping[str, Any],
+        *,
+        model_path: Path,
+        model_id: str,
+        parallel: int = 4,
+        memory_estimate: MemoryEstimate | None = None,
     ) -> RuntimeSettings:
         return cls(
             backend=runtime["backend"],
@@ -101,6 +111,7 @@ class RuntimeSettings:
             threads=runtime.get("threads"),
             dtype=runtime.get("dtype"),
             parallel=parallel,
+            memory_estimate=memory_estimate,
         )
 
 

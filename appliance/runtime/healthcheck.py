@@ -1,13 +1,16 @@
 """``python -m appliance.runtime.healthcheck SLOT``: load a slot's model, generate, exit 0.
 
 Run by the installer in a child process (see appliance.runtime.loader.health_check). Prints
-the generated text on success; one line on stderr and a non-zero status on failure.
+the generated text on success; one line on stderr and a non-zero status on failure. The
+runtime's log (llama.cpp's memory accounting beside the signed estimate) goes to stderr too,
+where the installer logs it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import os
 import signal
 import sys
@@ -46,6 +49,11 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         sys.stderr.write("usage: python -m appliance.runtime.healthcheck SLOT\n")
         return 2
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    runtime_log = logging.getLogger("appliance.runtime")
+    runtime_log.addHandler(handler)
+    runtime_log.setLevel(logging.INFO)
     try:
         backend = load_backend(slot_runtime_settings(Path(argv[0]), parallel=1))
         try:

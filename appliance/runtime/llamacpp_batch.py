@@ -35,6 +35,7 @@ from __future__ import annotations
 import codecs
 import collections
 import ctypes
+import logging
 import os
 import queue
 import threading
@@ -60,7 +61,10 @@ from appliance.runtime.llamacpp import (
     longest_token_bytes,
     resolve_gpu_layers,
 )
+from appliance.runtime.memreport import LlamaAllocation, LlamaLogCapture, memory_line
 from signing.errors import InputError, ModelError
+
+log = logging.getLogger(__name__)
 
 # Tokens per llama_decode call (generating tokens first, then prompt chunks).
 BATCH_TOKENS = 512
@@ -69,6 +73,7 @@ PENALTY_LAST_N = 64
 # The Llama object only loads the model and tokenizes; its own context stays unused, so it
 # gets the smallest one llama.cpp makes (it pads every context to 256 cells).
 _HOLDER_CONTEXT = 256
+_HOLDER_BATCH = 32
 
 # What the scheduler puts on a request's queue: chunks; then the last chunk (with a finish
 # reason), a ModelError, or None (cancelled or closed: the stream ends with no finish reason).
@@ -152,10 +157,14 @@ class BatchedLlamaCppBackend:
             "n_threads_batch": threads,
             "verbose": False,
         }
+        # llama.cpp's accounting of what it allocates, for the log beside the signed estimate.
+        memory_log = LlamaLogCapture(llama_cpp)
         try:
-            self._llama = llama_cpp.Llama(
-                **{**self._kwargs, "n_ctx": _HOLDER_CONTEXT, "n_batch": 32, "n_threads": 1}
-            )
+            with memory_log:
+                self._llama = llama_cpp.Llama(
+                    **self._kwargs
+                    | {"n_ctx": _HOLDER_CONTEXT, "n_batch": _HOLDER_BATCH, "n_threads": 1}
+                )
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelError(f"llama.cpp cannot load {settings.model_path}: {exc}") from None
         self._model = self._llama.model
@@ -164,7 +173,17 @@ class BatchedLlamaCppBackend:
         self._token_bytes = longest_token_bytes(llama_cpp, self._vocab)
         self._chat = GGUFChatTemplate(self._llama)
         self._n_batch = max(BATCH_TOKENS, self._parallel)
-        self._ctx = self._new_context(requested, threads)
+        with memory_log:
+            self._ctx = self._new_context(requested, threads)
+        self.memory_allocation: LlamaAllocation = memory_log.allocation(self._model)
+        log.info(
+            memory_line(
+                settings.memory_estimate,
+                self.memory_allocation,
+                context_size=requested,
+                parallel=self._parallel,
+            )
+        )
         self._context = min(requested, int(llama_cpp.llama_n_ctx_seq(self._ctx)))
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)

@@ -7,15 +7,22 @@ installer, and a timeout bounds it (docs/bundle-format.md, step I7).
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from appliance.limits import HOST_LIMITS
+from appliance.runtime import cpuvariant
 from appliance.runtime.base import Backend, RuntimeSettings
+from appliance.runtime.cpuvariant import CPU_VARIANT_PREFIX
+from appliance.runtime.memreport import MEMORY_PREFIX
 from appliance.slots import SlotPaths, env_python
 from signing.errors import IntegrityError, ModelError
 from signing.manifest import BundleManifest
+
+LOG = logging.getLogger(__name__)
 
 
 def slot_runtime_settings(slot: Path, *, parallel: int = 4) -> RuntimeSettings:
@@ -25,16 +32,22 @@ def slot_runtime_settings(slot: Path, *, parallel: int = 4) -> RuntimeSettings:
         manifest = BundleManifest.from_bytes(paths.manifest.read_bytes())
     except OSError as exc:
         raise IntegrityError(f"slot {slot.name} has no readable manifest: {exc}") from None
-    return RuntimeSettings.from_manifest(
+    settings = RuntimeSettings.from_manifest(
         manifest.runtime,
         model_path=paths.payload / manifest.model_path,
         model_id=manifest.name,
         parallel=parallel,
+        memory_estimate=manifest.requires.memory_estimate if manifest.requires else None,
     )
+    return replace(settings, slot=slot)
 
 
 def load_backend(settings: RuntimeSettings) -> Backend:
     if settings.backend == "llama.cpp":
+        # A runtime built with CPU dispatch loads no CPU backend by itself: choose the variant
+        # this host executes (remembered in the slot by the health check), then load the model.
+        memory = None if settings.slot is None else SlotPaths(settings.slot).cpu_variant
+        cpuvariant.prepare(model_path=settings.model_path, memory=memory)
         from appliance.runtime.llamacpp_batch import (  # noqa: PLC0415 - heavy, optional
             load_llamacpp_batched,
         )
@@ -63,8 +76,12 @@ def health_check(slot: Path, *, timeout_s: float = HOST_LIMITS.health_check_time
         raise ModelError(
             f"health check: the model did not answer within {timeout_s:.0f} s"
         ) from None
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
     if result.returncode != 0:
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        reason = lines[-1] if lines else f"exit status {result.returncode}"
+        reasons = [line for line in lines if not line.startswith(MEMORY_PREFIX)]
+        reason = reasons[-1] if reasons else f"exit status {result.returncode}"
         raise ModelError(f"health check failed: {reason}")
+    for line in lines:
+        if line.startswith((MEMORY_PREFIX, CPU_VARIANT_PREFIX)):
+            LOG.info("health check: %s", line)
     return result.stdout.strip()

@@ -1,0 +1,51 @@
+"""The llama.cpp runtime compiled the way the builder compiles it, for the tests that need it.
+
+``portable_wheel()`` takes llama-cpp-python's sdist from the committed lock of
+``bundles/demo.toml`` (fetched by hash into the builder's cache) and builds it through
+builder.sdist with the recipe's settings: runtime CPU dispatch, no native flags. The build
+cache (builder.sdist.build_key) keeps the wheel, so a machine compiles it once per sdist
+(about 11 minutes on 2 cores); later runs take it from the cache in a second.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from builder.artifacts import Artifact
+from builder.cache import Cache
+from builder.fetch import fetch_all
+from builder.pipread import load_pip_lock
+from builder.recipe import PipEnvironment, load_recipe
+from builder.sdist import build_wheels
+from builder.wheels import select_pip_artifacts
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_RECIPE = REPO / "bundles" / "demo.toml"
+
+
+def portable_wheel(work: Path) -> tuple[Artifact, Path]:
+    """The dispatch build of llama-cpp-python (module docstring); compiles on a cache miss."""
+    recipe, _ = load_recipe(DEMO_RECIPE)
+    env = recipe.environment
+    assert isinstance(env, PipEnvironment)
+    _, sdists = select_pip_artifacts(load_pip_lock(env.lock_path(DEMO_RECIPE), env), env)
+    cache = Cache()
+    fetched = fetch_all(sdists, cache, jobs=2, progress=False)
+    (built,) = build_wheels(
+        [(s, fetched[s.sha256]) for s in sdists],
+        env,
+        work,
+        isolation=env.build_isolation,
+        requires=recipe.requires,
+        cache=cache,
+        say=lambda line: sys.stderr.write(line + "\n"),
+    )
+    return built
+
+
+if __name__ == "__main__":  # compile ahead of the tests: python tests/portable_build.py DIR
+    os.nice(10)
+    artifact, wheel = portable_wheel(Path(sys.argv[1]))
+    sys.stdout.write(f"{wheel} {artifact.cpu_build}\n")
