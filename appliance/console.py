@@ -69,14 +69,16 @@ def _may_be_terminal() -> bool:
 
 
 def run_cli(group: click.Group, prog_name: str) -> NoReturn:
-    # The host's warnings (a stray entry in slots/, say) go to stderr as one line each, like
-    # errors; the server's own log (appliance.server) keeps its configuration.
+    # The host's warnings (a stray entry in slots/, say; a GPU backend the health check could
+    # not use) go to stderr as one line each, like errors; the server's own log
+    # (appliance.server) keeps its configuration.
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("warning: %(message)s"))
-    logger = logging.getLogger("appliance.slots")
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)
-    logger.propagate = False
+    for name in ("appliance.slots", "appliance.runtime.loader"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
     try:
         # Not group.main(): it prints a blank line of its own on Ctrl-C before we can say why.
         with group.make_context(prog_name, sys.argv[1:]) as ctx:

@@ -11,15 +11,17 @@ from typing import Any
 
 from appliance.slots import SlotPaths
 from signing.errors import FormatError
-from signing.manifest import BundleManifest
+from signing.manifest import BundleManifest, ModelPipeline
 from signing.provenance import SBOM_ENTRY, summarize_sbom
 from signing.requirements import MemoryEstimate
 
 
 def slot_provenance(slot: Path) -> dict[str, Any]:
-    """``{"environment", "model_source", "memory", "sbom"}`` of an installed slot (None where
-    absent)."""
-    info: dict[str, Any] = {"environment": None, "model_source": None, "memory": None, "sbom": None}
+    """``{"environment", "model_source", "model_pipeline", "memory", "sbom"}`` of an installed
+    slot (None where absent)."""
+    info: dict[str, Any] = dict.fromkeys(
+        ("environment", "model_source", "model_pipeline", "memory", "sbom")
+    )
     paths = SlotPaths(slot)
     try:
         manifest = BundleManifest.from_bytes(paths.manifest.read_bytes())
@@ -29,6 +31,8 @@ def slot_provenance(slot: Path) -> dict[str, Any]:
         info["environment"] = manifest.environment.to_dict() | {"installed": paths.env.is_dir()}
     if manifest.model_source is not None:
         info["model_source"] = manifest.model_source.to_dict()
+    if manifest.model_pipeline is not None:
+        info["model_pipeline"] = manifest.model_pipeline.to_dict()
     if manifest.requires is not None and manifest.requires.memory_estimate is not None:
         info["memory"] = manifest.requires.memory_estimate.to_dict()
     sbom = paths.payload / SBOM_ENTRY
@@ -49,6 +53,9 @@ def describe_provenance(info: dict[str, Any]) -> list[str]:
     src = info.get("model_source")
     if src:
         lines.append(f"  model    {src['repo_id']} at commit {src['commit']}")
+    pipeline = info.get("model_pipeline")
+    if pipeline:
+        lines.append(f"  made     {ModelPipeline.from_dict(pipeline).summary()}")
     memory = info.get("memory")
     if memory:
         lines.append(f"  memory   {MemoryEstimate.from_dict(memory).summary()}")

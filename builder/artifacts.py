@@ -35,6 +35,9 @@ class Artifact:
     source_sha256: str | None = None  # for origin "built": the sdist's locked sha256
     # for a llama.cpp build: how it treats the CPU (builder.llamabuild.CpuBuild)
     cpu_build: str | None = None
+    # for a CUDA build: the GPU architectures (CMake's "80;90") and nvcc's CUDA version X.Y
+    cuda_architectures: str | None = None
+    cuda_version: str | None = None
 
     def __post_init__(self) -> None:
         if "/" in self.filename or self.filename in ("", ".", ".."):

@@ -108,14 +108,15 @@ def build_bundle(
     progress_factory: Callable[[], ByteBar] | None = None,
     lock: bool = False,
     jobs: int = 8,
+    eval_python: Path | None = None,
     say: Callable[[str], None] = lambda _: None,
 ) -> BundleManifest:
     recipe, _ = load_recipe(recipe_path)
     created = build_time()
-    model = resolve_model(recipe, say=say)
-    files, model_path = collect_payload(recipe_path, model.source_path, model.digests)
     with tempfile.TemporaryDirectory(prefix="appliance-build-") as tmp:
         work = Path(tmp)
+        model = resolve_model(recipe, work=work, eval_python=eval_python, say=say)
+        files, model_path = collect_payload(recipe_path, model.source_path, model.digests)
         env = prepare_environment(recipe_path, recipe, work=work, lock=lock, jobs=jobs, say=say)
         if env is not None:
             files += env.files
@@ -129,6 +130,7 @@ def build_bundle(
                 model_path=model_path,
                 model_files=[r for f, r in records.items() if _under(f, model_path)],
                 model_source=model.source,
+                model_pipeline=model.pipeline,
                 environment=(env.spec.type, env.spec.platform, env.spec.python) if env else None,
                 artifacts=env.artifacts if env else [],
                 locks=[records[f.entry_path] for f in files if f.kind == "lock"],
@@ -163,6 +165,7 @@ def build_bundle(
             environment=env.spec if env else None,
             model_source=model.source,
             requires=requires,
+            model_pipeline=model.pipeline,
         )
         signatures = sign_manifest(manifest.to_bytes(), keys)
         with progress_factory() if progress_factory else _NoBar() as bar:

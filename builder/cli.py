@@ -213,6 +213,14 @@ def root_fingerprint(root_json: Path) -> None:
     show_default=True,
     help="Parallel downloads.",
 )
+@click.option(
+    "--eval-python",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="AIRGAP_APPLIANCE_EVAL_PYTHON",
+    show_envvar=True,
+    help="Interpreter whose llama-cpp-python measures a quantised model's KL-divergence "
+    "(default: this one).",
+)
 @_passphrase_option
 def build(
     recipe: Path,
@@ -221,6 +229,7 @@ def build(
     signature_space: int,
     lock_first: bool,
     jobs: int,
+    eval_python: Path | None,
     passphrase: str | None,
 ) -> None:
     """Build a deterministic bundle from RECIPE: lock, fetch by hash, sign, write one tar."""
@@ -236,6 +245,7 @@ def build(
         signature_space=signature_space,
         lock=lock_first,
         jobs=jobs,
+        eval_python=eval_python,
         say=_say,
         progress_factory=ByteProgress,
     )
@@ -322,6 +332,8 @@ def inspect(bundle: Path, root_json: Path | None, as_json: bool) -> None:
     if manifest.model_source is not None:
         src = manifest.model_source
         click.echo(f"  from   {src.repo_id} at commit {src.commit}")
+    if manifest.model_pipeline is not None:
+        click.echo(f"  made   {manifest.model_pipeline.summary()}")
     if manifest.requires is not None and manifest.requires.memory_estimate is not None:
         click.echo(f"memory   {manifest.requires.memory_estimate.summary()}")
     env = manifest.environment

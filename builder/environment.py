@@ -36,7 +36,7 @@ from builder.recipe import CondaEnvironment, PipEnvironment, Recipe, RequiresSec
 from builder.sdist import build_wheels
 from builder.wheels import pip_install_list, select_pip_artifacts
 from signing.errors import LockError, RecipeError
-from signing.manifest import EnvironmentSpec, ModelSource
+from signing.manifest import EnvironmentSpec, ModelPipeline, ModelSource
 
 ENV_DIR = "env"
 LOCK_DIR = f"{ENV_DIR}/lock"
@@ -248,19 +248,44 @@ class ResolvedModel:
     # sha256 of each file (relative to source_path) that is known already: checked against
     # the hub's hashes when fetched, so the build need not hash it again.
     digests: Mapping[str, str] = field(default_factory=dict)
+    # How a checkpoint became the GGUF at source_path (builder.convert), when it did.
+    pipeline: ModelPipeline | None = None
 
 
-def resolve_model(recipe: Recipe, *, say: Say = lambda _: None) -> ResolvedModel:
+def resolve_model(
+    recipe: Recipe,
+    *,
+    work: Path | None = None,
+    eval_python: Path | None = None,
+    say: Say = lambda _: None,
+) -> ResolvedModel:
     """A local ``path`` as it is (anchored at the recipe by load_recipe); a hub ``repo_id``
-    fetched at its revision's commit."""
+    fetched at its revision's commit; with ``quantize``, either converted to a GGUF of that
+    type in ``work`` (builder.convert)."""
     model = recipe.model
     if model.path is not None:
-        return ResolvedModel(Path(model.path), None)
-    fetched = fetch_hub_model(model)
-    if fetched.resolved:
-        say(f"model {fetched.repo_id}: revision {model.revision} resolved to {fetched.commit}")
-    return ResolvedModel(
-        fetched.directory,
-        ModelSource(fetched.repo_id, fetched.commit),
-        {f.path: f.sha256 for f in fetched.files},
+        resolved = ResolvedModel(Path(model.path), None)
+    else:
+        fetched = fetch_hub_model(model)
+        if fetched.resolved:
+            say(f"model {fetched.repo_id}: revision {model.revision} resolved to {fetched.commit}")
+        resolved = ResolvedModel(
+            fetched.directory,
+            ModelSource(fetched.repo_id, fetched.commit),
+            {f.path: f.sha256 for f in fetched.files},
+        )
+    if model.quantize is None:
+        return resolved
+    from builder.convert import convert_model  # noqa: PLC0415 - only a pipeline needs it
+
+    if work is None:
+        raise RecipeError("a model with 'quantize' needs a work directory to convert in")
+    converted = convert_model(
+        resolved.source_path,
+        quantize=model.quantize,
+        work=work / "model",
+        known=resolved.digests,
+        eval_python=eval_python,
+        say=say,
     )
+    return ResolvedModel(converted.path, resolved.source, {}, converted.pipeline)

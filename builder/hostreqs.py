@@ -34,7 +34,7 @@ import re
 import shutil
 import subprocess
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -92,7 +92,7 @@ def host_requirements(
         memory_bytes=memory,
         disk_bytes=payload_bytes + sum(_expansion(p) for p in packages),
         cpu=_cpu(wanted, env, compiled=compiled),
-        gpu=_gpu(recipe, model_bytes=model_bytes, compiled=bool(compiled), table=table),
+        gpu=_gpu(recipe, model_bytes=model_bytes, compiled=compiled, table=table),
         glibc=_glibc(env, artifacts, compiled=bool(compiled)),
         python=env.python if env is not None else None,
         memory_estimate=table,
@@ -174,12 +174,19 @@ def _arch(env: PipEnvironment | CondaEnvironment) -> str | None:
 
 
 def _gpu(
-    recipe: Recipe, *, model_bytes: int, compiled: bool, table: MemoryEstimate | None
+    recipe: Recipe,
+    *,
+    model_bytes: int,
+    compiled: Sequence[Artifact],
+    table: MemoryEstimate | None,
 ) -> GpuRequirement | None:
     wanted = recipe.requires
     if not wanted.cuda_architectures:
         return None
-    version = wanted.cuda_version or (_nvcc() if compiled else None)
+    # The version the CUDA build was compiled with (recorded by builder.sdist, also for a wheel
+    # from the build cache), else this builder's nvcc for a build that did not record one.
+    built = next((a.cuda_version for a in compiled if a.cuda_version), None)
+    version = wanted.cuda_version or built or (nvcc_cuda_version() if compiled else None)
     if version is None:
         raise RecipeError(
             "requires.cuda_architectures needs cuda_version: the CUDA version the runtime was "
@@ -239,9 +246,16 @@ def _builder_flags() -> frozenset[str]:
         return frozenset()
 
 
-def _nvcc() -> str | None:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
-    nvcc = shutil.which("nvcc") or shutil.which("nvcc", path=str(Path(home) / "bin"))
+def nvcc_cuda_version(environ: Mapping[str, str] | None = None) -> str | None:
+    """The CUDA version X.Y of the nvcc a build in ``environ`` (default: this process's) uses:
+    ``CUDACXX``, else ``nvcc`` on ``PATH``, else under ``CUDA_HOME``; None without one."""
+    environ = os.environ if environ is None else environ
+    home = environ.get("CUDA_HOME") or environ.get("CUDA_PATH") or "/usr/local/cuda"
+    nvcc = (
+        environ.get("CUDACXX")
+        or shutil.which("nvcc", path=environ.get("PATH"))
+        or shutil.which("nvcc", path=str(Path(home) / "bin"))
+    )
     if nvcc is None:
         return None
     try:

@@ -16,7 +16,11 @@ AVX-512, after the bundle has crossed the gap. So every sdist built with llama.c
   AVX-512 extensions off. The host needs that level.
 
 A CUDA build (``GGML_CUDA=on`` in the recipe's ``build_env``) compiles for the recipe's
-``cuda_architectures`` (``CMAKE_CUDA_ARCHITECTURES``), never CMake's ``native``.
+``cuda_architectures`` (``CMAKE_CUDA_ARCHITECTURES``), never CMake's ``native``. With runtime
+CPU dispatch its CUDA backend is a library of its own (``libggml-cuda.so``) that a host without
+the NVIDIA driver fails to load and skips (appliance.runtime.cpuvariant); with a ``cpu_level``
+it is linked into ``libggml`` and llama.cpp does not load at all there, so a recipe that allows
+``cpu_fallback`` must use dispatch.
 
 The recipe's own ``CMAKE_ARGS`` are merged over these flags: where it sets the same ``-D``
 variable, the recipe wins (``-DGGML_NATIVE=ON`` makes a native build, recorded as the builder's
@@ -123,9 +127,16 @@ def llama_build(build_env: Mapping[str, str], requires: RequiresSection) -> Llam
                 f"cuda_architectures is {list(archs)}: name them once, in [requires]"
             )
     defines = ours | recipe_defines  # the recipe wins where it sets the same variable
+    cpu = _cpu_build(defines, requires)
+    if cuda and requires.cpu_fallback and cpu != DISPATCH:
+        raise RecipeError(
+            "requires.cpu_fallback needs a CUDA build with runtime CPU dispatch (no cpu_level, "
+            "no GGML_NATIVE or GGML_BACKEND_DL override): only there is the CUDA backend a "
+            "library of its own that a host without the NVIDIA driver can skip"
+        )
     args = [f"-D{key}={value}" for key, value in defines.items()] + rest
     env = dict(build_env) | {"CMAKE_ARGS": shlex.join(args)}
-    return LlamaBuild(build_env=env, cpu=_cpu_build(defines, requires), cuda_architectures=archs)
+    return LlamaBuild(build_env=env, cpu=cpu, cuda_architectures=archs)
 
 
 def _cpu_build(defines: Mapping[str, str], requires: RequiresSection) -> CpuBuild:

@@ -84,6 +84,19 @@ class ModelSection(_Anchored):
     repo_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,190}$")
     revision: str | None = Field(default=None, min_length=1)
     files: list[str] = Field(default_factory=list)
+    # A Hugging Face checkpoint converted and quantised by the builder (builder.convert).
+    quantize: str | None = None
+
+    @field_validator("quantize")
+    @classmethod
+    def _gguf_type(cls, value: str | None) -> str | None:
+        from builder.convert import GGUF_TYPES  # noqa: PLC0415 - the pipeline's own list
+
+        if value is not None and value not in GGUF_TYPES:
+            raise ValueError(
+                f"unknown quantisation type {value[:32]!r}; one of {', '.join(sorted(GGUF_TYPES))}"
+            )
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:

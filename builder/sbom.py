@@ -23,7 +23,7 @@ from cyclonedx.output.json import JsonV1Dot6
 from packageurl import PackageURL
 
 from builder.artifacts import Artifact
-from signing.manifest import ModelSource
+from signing.manifest import ModelPipeline, ModelSource
 from signing.provenance import PROPERTY_PREFIX
 
 _NAMESPACE = uuid.UUID("5b0c6b0e-2f4e-4d1e-9a53-6a1f4f3c2b10")  # fixed: serials are uuid5
@@ -49,6 +49,7 @@ def make_sbom(
     environment: tuple[str, str, str] | None,
     artifacts: Sequence[Artifact],
     locks: Sequence[FileRecord],
+    model_pipeline: ModelPipeline | None = None,
 ) -> bytes:
     """CycloneDX 1.6 JSON for a bundle. ``environment`` is ``(type, platform, python)``."""
     bundle = Component(
@@ -70,7 +71,7 @@ def make_sbom(
             else []
         ),
     )
-    components = [_model_component(model_path, model_files, model_source)]
+    components = [_model_component(model_path, model_files, model_source, model_pipeline)]
     components += [
         _package_component(a, environment[0] if environment else "pip") for a in artifacts
     ]
@@ -99,9 +100,30 @@ def make_sbom(
     return text.encode("utf-8") + b"\n"
 
 
+def _pipeline_properties(pipeline: ModelPipeline | None) -> list[Property]:
+    """How the GGUF was made (builder.convert): converter, type, input and output hashes, KL."""
+    if pipeline is None:
+        return []
+    pairs = [
+        ("pipeline.converter", pipeline.converter),
+        ("pipeline.converter-sha256", pipeline.converter_sha256),
+        ("pipeline.quantize", pipeline.quantize),
+        ("pipeline.output-sha256", pipeline.output_sha256),
+        *(("pipeline.input", f"{path} sha256:{digest}") for path, digest in pipeline.inputs),
+    ]
+    if pipeline.kl_nanonats is not None:
+        pairs.append(("pipeline.kl-nanonats", str(pipeline.kl_nanonats)))
+        pairs.append(("pipeline.kl-tokens", str(pipeline.kl_tokens)))
+    return [Property(name=f"{PROPERTY_PREFIX}:{name}", value=value) for name, value in pairs]
+
+
 def _model_component(
-    path: str, files: Sequence[FileRecord], source: ModelSource | None
+    path: str,
+    files: Sequence[FileRecord],
+    source: ModelSource | None,
+    pipeline: ModelPipeline | None = None,
 ) -> Component:
+    props = _pipeline_properties(pipeline)
     subs = [
         Component(
             type=ComponentType.FILE,
@@ -121,6 +143,7 @@ def _model_component(
             purl=purl,
             bom_ref=f"model:{source.repo_id}@{source.commit}",
             components=subs,
+            properties=props,
         )
     return Component(
         type=ComponentType.MACHINE_LEARNING_MODEL,
@@ -130,6 +153,7 @@ def _model_component(
         if len(files) == 1
         else None,
         components=subs if len(files) > 1 else None,
+        properties=props,
     )
 
 
@@ -143,6 +167,17 @@ def _package_component(artifact: Artifact, kind: str) -> Component:
             )
         if artifact.cpu_build:  # a llama.cpp build: dispatch, a CPU level, or native
             props.append(Property(name=f"{PROPERTY_PREFIX}:cpu-build", value=artifact.cpu_build))
+        if artifact.cuda_architectures:  # a CUDA build: its GPUs and the CUDA it was made with
+            props.append(
+                Property(
+                    name=f"{PROPERTY_PREFIX}:cuda-architectures",
+                    value=artifact.cuda_architectures,
+                )
+            )
+        if artifact.cuda_version:
+            props.append(
+                Property(name=f"{PROPERTY_PREFIX}:cuda-version", value=artifact.cuda_version)
+            )
     props.append(Property(name=f"{PROPERTY_PREFIX}:source-url", value=artifact.url))
     hashes = [HashType(alg=HashAlgorithm.SHA_256, content=artifact.sha256)]
     if artifact.md5:

@@ -16,7 +16,9 @@ wheel cache does not key on ``CMAKE_ARGS``, so the wheels built here are kept in
 content-addressed cache (builder.cache) under a key of everything that makes the wheel: the
 sdist's sha256, the *effective* build environment, the target, pip's isolation, and this
 builder's Python and platform (:func:`build_key`). A second build, or CI, takes the wheel
-from there (re-hashed, as every cache hit) instead of compiling again.
+from there (re-hashed, as every cache hit) instead of compiling again. A CUDA build's record
+keeps its architectures and the CUDA version of the nvcc that compiled it, which the manifest
+then states (builder.hostreqs), whichever nvcc a later build finds.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from packaging.utils import canonicalize_name, parse_wheel_filename
@@ -36,7 +39,8 @@ from packaging.version import InvalidVersion, Version
 
 from builder.artifacts import Artifact
 from builder.cache import Cache, sha256_file, write_atomically
-from builder.llamabuild import describe_build, llama_build, uses_llama_cpp_cmake
+from builder.hostreqs import nvcc_cuda_version
+from builder.llamabuild import LlamaBuild, describe_build, llama_build, uses_llama_cpp_cmake
 from builder.recipe import PipEnvironment, RequiresSection
 from builder.target import check_builder_is_target, target_label, target_tags
 from signing.errors import ArtifactError, LockError
@@ -84,14 +88,9 @@ def build_wheels(
     wanted = requires if requires is not None else RequiresSection()
     built = []
     for sdist, path in sdists:
-        build_env: Mapping[str, str] = env.build_env
-        cpu_build = None
-        if uses_llama_cpp_cmake(sdist.name, path):
-            llama = llama_build(env.build_env, wanted)
-            build_env, cpu_build = llama.build_env, llama.cpu
-            say(f"{sdist.name} {sdist.version}: {describe_build(llama)}")
+        build_env, llama = _effective_env(sdist, path, env, wanted, say=say)
         key = build_key(sdist, env, build_env, isolation=isolation)
-        if cache is not None and (hit := _cached_wheel(cache, key)) is not None:
+        if cache is not None and (hit := _cached_wheel(cache, key, llama)) is not None:
             say(f"{sdist.name} {sdist.version}: built before, taken from {hit[1]}")
             built.append(hit)
             continue
@@ -159,12 +158,53 @@ def build_wheels(
             size=wheel.stat().st_size,
             origin="built",
             source_sha256=sdist.sha256,
-            cpu_build=cpu_build,
+            cpu_build=llama.cpu if llama else None,
+            cuda_architectures=_cmake_archs(llama),
+            cuda_version=nvcc_cuda_version(run_env) if _cmake_archs(llama) else None,
         )
         if cache is not None:
             wheel = _store_wheel(cache, key, artifact, wheel)
         built.append((artifact, wheel))
     return built
+
+
+def cached_build(
+    sdist: Artifact,
+    path: Path,
+    env: PipEnvironment,
+    *,
+    isolation: bool = False,
+    requires: RequiresSection | None = None,
+    cache: Cache,
+) -> tuple[Artifact, Path] | None:
+    """The wheel :func:`build_wheels` would take from ``cache`` for this sdist, or None where it
+    would compile (nothing built here before with the same :func:`build_key`). Compiles
+    nothing: for a caller that only wants a build that is there already (a test that is too
+    slow to compile on a cold machine)."""
+    wanted = requires if requires is not None else RequiresSection()
+    build_env, llama = _effective_env(sdist, path, env, wanted, say=lambda _: None)
+    return _cached_wheel(cache, build_key(sdist, env, build_env, isolation=isolation), llama)
+
+
+def _effective_env(
+    sdist: Artifact,
+    path: Path,
+    env: PipEnvironment,
+    requires: RequiresSection,
+    *,
+    say: Callable[[str], None],
+) -> tuple[Mapping[str, str], LlamaBuild | None]:
+    """The build environment of one sdist: the recipe's, or builder.llamabuild's (returned
+    too) for a llama.cpp sdist."""
+    if not uses_llama_cpp_cmake(sdist.name, path):
+        return env.build_env, None
+    llama = llama_build(env.build_env, requires)
+    say(f"{sdist.name} {sdist.version}: {describe_build(llama)}")
+    return llama.build_env, llama
+
+
+def _cmake_archs(llama: LlamaBuild | None) -> str | None:
+    return ";".join(llama.cuda_architectures) if llama and llama.cuda_architectures else None
 
 
 def build_key(
@@ -192,7 +232,7 @@ def _record(cache: Cache, key: str) -> Path:
     return cache.root / "built" / f"{key}.json"
 
 
-def _cached_wheel(cache: Cache, key: str) -> tuple[Artifact, Path] | None:
+def _cached_wheel(cache: Cache, key: str, llama: LlamaBuild | None) -> tuple[Artifact, Path] | None:
     """The wheel built before under ``key``: its record, and the file re-hashed by the cache."""
     try:
         data = json.loads(_record(cache, key).read_text())
@@ -200,7 +240,13 @@ def _cached_wheel(cache: Cache, key: str) -> tuple[Artifact, Path] | None:
     except (OSError, ValueError, TypeError):
         return None  # no record, or one this builder cannot read: build again
     path = cache.lookup(wheel.sha256, wheel)
-    return None if path is None else (wheel, path)
+    if path is None:
+        return None
+    if (archs := _cmake_archs(llama)) and not wheel.cuda_architectures:
+        # A record from before CUDA builds were recorded: the architectures are part of the
+        # key; the version is this builder's nvcc (hostreqs asks the same one).
+        wheel = replace(wheel, cuda_architectures=archs, cuda_version=nvcc_cuda_version())
+    return wheel, path
 
 
 def _store_wheel(cache: Cache, key: str, wheel: Artifact, path: Path) -> Path:

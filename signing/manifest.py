@@ -58,6 +58,9 @@ _REPO_ID_RE: Final = re.compile(
     r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?"
 )
 _COMMIT_RE: Final = re.compile(r"[0-9a-f]{40}")
+_CONVERTER_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}==[0-9][A-Za-z0-9.+!_-]{0,31}")
+_QUANT_RE: Final = re.compile(r"[A-Z][A-Z0-9_]{1,15}")
+MAX_PIPELINE_INPUTS: Final = 10_000
 # The runtime table's keys and their checks; the recipe's [runtime] section mirrors it.
 _RUNTIME_INTS: Final = {"context_size": 16, "gpu_layers": -1, "threads": 1}
 
@@ -216,6 +219,105 @@ class ModelSource:
 
 
 @dataclass(frozen=True)
+class ModelPipeline:
+    """How the builder made the bundle's GGUF from a Hugging Face checkpoint (builder.convert):
+    the converter (llama-cpp-python's sdist, by version and sha256), the quantisation type, the
+    sha256 of every input file (the source revision of a local folder; a hub model's commit is
+    :class:`ModelSource`) and of the output, and the quality: the mean KL-divergence of the
+    quantised model's next-token distribution from the F16 conversion's, in nanonats (signed
+    JSON has no floats), over ``kl_tokens`` positions; both None when nothing was quantised."""
+
+    converter: str
+    converter_sha256: str
+    quantize: str
+    inputs: tuple[tuple[str, str], ...]
+    output_sha256: str
+    kl_nanonats: int | None = None
+    kl_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        what = "manifest model.pipeline"
+        if not isinstance(self.converter, str) or not _CONVERTER_RE.fullmatch(self.converter):
+            raise FormatError(f"{what}: converter {quote(self.converter)} is not name==version")
+        for name in ("converter_sha256", "output_sha256"):
+            digest = getattr(self, name)
+            if not isinstance(digest, str) or not _SHA256_RE.fullmatch(digest):
+                raise FormatError(f"{what}: {name} must be 64 lowercase hex digits")
+        if not isinstance(self.quantize, str) or not _QUANT_RE.fullmatch(self.quantize):
+            raise FormatError(f"{what}: quantize {quote(self.quantize)} is not a GGUF type name")
+        if not isinstance(self.inputs, tuple) or not 0 < len(self.inputs) <= MAX_PIPELINE_INPUTS:
+            raise FormatError(f"{what}: inputs must hold 1 to {MAX_PIPELINE_INPUTS} files")
+        for item in self.inputs:
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise FormatError(f"{what}: an input must be a (path, sha256) pair")
+            check_relative_path(item[0], what=f"{what} input")
+            if not isinstance(item[1], str) or not _SHA256_RE.fullmatch(item[1]):
+                raise FormatError(f"{what}: input {quote(item[0])}: bad sha256")
+        paths = [path for path, _ in self.inputs]
+        if paths != sorted(set(paths)):
+            raise FormatError(f"{what}: inputs must be sorted by path, without duplicates")
+        if (self.kl_nanonats is None) != (self.kl_tokens is None):
+            raise FormatError(f"{what}: kl_nanonats and kl_tokens go together")
+        if self.kl_nanonats is not None and (not is_int(self.kl_nanonats) or self.kl_nanonats < 0):
+            raise FormatError(f"{what}: kl_nanonats must be a non-negative integer")
+        if self.kl_tokens is not None and (not is_int(self.kl_tokens) or self.kl_tokens < 1):
+            raise FormatError(f"{what}: kl_tokens must be a positive integer")
+
+    def summary(self) -> str:
+        """One line for ``inspect`` and ``status``."""
+        quality = (
+            f"KL {self.kl_nanonats / 1e9:.3g} nats vs F16 over {self.kl_tokens} tokens"
+            if self.kl_nanonats is not None
+            else "not quantised"
+        )
+        return (
+            f"{self.quantize} by {self.converter} (sdist {self.converter_sha256[:12]}), "
+            f"{len(self.inputs)} input file(s), {quality}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "converter": self.converter,
+            "converter_sha256": self.converter_sha256,
+            "quantize": self.quantize,
+            "inputs": [{"path": p, "sha256": d} for p, d in self.inputs],
+            "output_sha256": self.output_sha256,
+        } | (
+            {"kl_nanonats": self.kl_nanonats, "kl_tokens": self.kl_tokens}
+            if self.kl_nanonats is not None
+            else {}
+        )
+
+    @classmethod
+    def from_dict(cls, value: object) -> ModelPipeline:
+        what = "manifest model.pipeline"
+        obj = _exact_object(
+            value,
+            {"converter", "converter_sha256", "quantize", "inputs", "output_sha256"},
+            optional={"kl_nanonats", "kl_tokens"},
+            what=what,
+        )
+        raw = obj["inputs"]
+        if not isinstance(raw, list) or len(raw) > MAX_PIPELINE_INPUTS:
+            raise FormatError(f"{what}: inputs must be a list of at most {MAX_PIPELINE_INPUTS}")
+        inputs = []
+        for item in raw:
+            entry = _exact_object(item, {"path", "sha256"}, what=f"{what} input")
+            inputs.append((entry["path"], entry["sha256"]))
+        if ("kl_nanonats" in obj) != ("kl_tokens" in obj):
+            raise FormatError(f"{what}: kl_nanonats and kl_tokens go together")
+        return cls(
+            converter=obj["converter"],
+            converter_sha256=obj["converter_sha256"],
+            quantize=obj["quantize"],
+            inputs=tuple(inputs),
+            output_sha256=obj["output_sha256"],
+            kl_nanonats=obj.get("kl_nanonats"),
+            kl_tokens=obj.get("kl_tokens"),
+        )
+
+
+@dataclass(frozen=True)
 class BundleManifest:
     """What a threshold of bundle keys vouches for: identity, validity and every payload byte."""
 
@@ -230,6 +332,8 @@ class BundleManifest:
     model_source: ModelSource | None = None
     # What the host must offer (format section 2.4); None in bundles made before it existed.
     requires: HostRequirements | None = None
+    # How the model was converted and quantised (builder.convert); None for a ready model.
+    model_pipeline: ModelPipeline | None = None
     _parsed_version: Version = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -258,6 +362,8 @@ class BundleManifest:
             raise FormatError("manifest: model.source must be a ModelSource")
         if self.requires is not None and not isinstance(self.requires, HostRequirements):
             raise FormatError("manifest: requires must be a HostRequirements")
+        if self.model_pipeline is not None and not isinstance(self.model_pipeline, ModelPipeline):
+            raise FormatError("manifest: model.pipeline must be a ModelPipeline")
         _check_entries(self.entries)
         if not any(
             e.path == self.model_path or e.path.startswith(self.model_path + "/")
@@ -320,6 +426,8 @@ class BundleManifest:
         model: dict[str, Any] = {"path": self.model_path}
         if self.model_source is not None:
             model["source"] = self.model_source.to_dict()
+        if self.model_pipeline is not None:
+            model["pipeline"] = self.model_pipeline.to_dict()
         return model
 
     def to_bytes(self) -> bytes:
@@ -362,7 +470,9 @@ class BundleManifest:
         runtime = obj["runtime"]
         if not isinstance(runtime, dict):
             raise FormatError("manifest: runtime must be an object")
-        model = _exact_object(obj["model"], {"path"}, optional={"source"}, what="manifest model")
+        model = _exact_object(
+            obj["model"], {"path"}, optional={"source", "pipeline"}, what="manifest model"
+        )
         source = None
         if "source" in model:
             src = _exact_object(
@@ -388,6 +498,9 @@ class BundleManifest:
             ),
             model_source=source,
             requires=(HostRequirements.from_dict(obj["requires"]) if "requires" in obj else None),
+            model_pipeline=(
+                ModelPipeline.from_dict(model["pipeline"]) if "pipeline" in model else None
+            ),
         )
 
 

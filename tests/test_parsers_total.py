@@ -46,6 +46,7 @@ from signing.errors import AirgapError, FormatError
 from signing.manifest import (
     BundleManifest,
     EnvironmentSpec,
+    ModelPipeline,
     ModelSource,
     decode_signature_block,
 )
@@ -106,10 +107,20 @@ REQUIRES = HostRequirements(
         total_bytes=518 << 20,
     ),
 )  # fmt: skip
+PIPELINE = ModelPipeline(
+    converter="llama-cpp-python==0.3.36",
+    converter_sha256="c" * 64,
+    quantize="Q8_0",
+    inputs=(("config.json", "d" * 64), ("model.safetensors", "e" * 64)),
+    output_sha256="f" * 64,
+    kl_nanonats=1497,
+    kl_tokens=126,
+)
 MANIFEST = replace(
     _manifest,
     model_source=ModelSource(repo_id="org/tiny", commit="a" * 40),
     requires=REQUIRES,
+    model_pipeline=PIPELINE,
 )
 MANIFEST_BYTES = MANIFEST.to_bytes()
 # Two valid signatures and one by a key the root does not know: lists of several objects.
@@ -128,6 +139,7 @@ SBOM_BYTES = make_sbom(
     model_path="model",
     model_files=[FileRecord("model/tiny.gguf", 68, "b" * 64)],
     model_source=ModelSource(repo_id="org/tiny", commit="a" * 40),
+    model_pipeline=PIPELINE,
     environment=("pip", "linux-x86_64", "3.11"),
     artifacts=[
         Artifact("demo", "1.0", "demo-1.0-py3-none-any.whl", "https://x.invalid/d", "c" * 64),
@@ -238,6 +250,7 @@ def test_the_documents_are_valid() -> None:
     manifest = BundleManifest.from_bytes(MANIFEST_BYTES)
     assert manifest.environment == ENVIRONMENT and manifest.model_source is not None
     assert manifest.requires == REQUIRES
+    assert manifest.model_pipeline == PIPELINE
     head = BundleHead(MANIFEST_BYTES, SIGNATURE_BLOCK, 0)
     assert len(verify_head(head, root=SIM.root, now=SIM.now).signers) == 2
     assert verify_root(SignedRoot.from_bytes(ROOT_V1_BYTES))

@@ -94,7 +94,8 @@ else:
     cpuvariant.load_backends([cpuvariant.find_runtime().variants[sys.argv[1]]])
 import llama_cpp
 llm = llama_cpp.Llama(model_path=sys.argv[2], n_ctx=256, n_gpu_layers=0, verbose=False)
-out = llm.create_completion(sys.argv[3], max_tokens=8, temperature=0.0)
+out = llm.create_completion(sys.argv[3], max_tokens=int(sys.argv[4]) if len(sys.argv) > 4 else 8,
+                             temperature=0.0)
 print(out["choices"][0]["text"])
 """
 
@@ -242,6 +243,24 @@ def test_the_tiny_model_generates_under_an_emulated_cpu_without_avx512(
         refused = installed.run(GENERATE, native, tiny, "Hello", launcher=EMULATED)
         assert refused.returncode != 0
         assert "cannot load its CPU backend" in refused.stderr or refused.returncode in (-4, 132)
+
+
+def test_the_real_quantised_model_generates_under_an_emulated_cpu_without_avx512(
+    installed: Installed,
+) -> None:
+    """Gemma's Q4_K_M kernels, not only the tiny model's F32 ones, on a CPU without AVX-512:
+    the variant chosen by running Gemma itself under the emulation (about three minutes: qemu
+    runs a few million instructions a second)."""
+    if shutil.which(EMULATED[0]) is None:
+        pytest.skip("qemu-user is not installed (scripts/setup.sh installs it as root)")
+    emulated = installed.json(CHOOSE, installed.model, json.dumps(EMULATED))
+    assert emulated["variant"] not in AVX512_VARIANTS
+    result = installed.run(
+        GENERATE, emulated["variant"], installed.model, "The capital of France is", 2,
+        launcher=EMULATED,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip()
 
 
 SWAP = """

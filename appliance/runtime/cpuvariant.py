@@ -24,7 +24,10 @@ So the variant is chosen by running it:
 5. Load the winner, and the non-CPU backends shipped beside it (``libggml-cuda.so``), with
    ``ggml_backend_load`` of the very libggml the bindings loaded: the wheel holds file copies
    (``libggml.so``, ``libggml.so.0``), and a ``CDLL`` of another copy is a second, unrelated
-   registry that ``Llama()`` never sees.
+   registry that ``Llama()`` never sees. A GPU backend that does not load (a CUDA build on a
+   host without the NVIDIA driver or the CUDA libraries, which the preflight let through for a
+   recipe that allows CPU fallback), or loads but finds no device, is logged with the reason;
+   the CPU variant serves.
 
 ggml's registry keeps a loaded CPU backend for the life of the process: a process that loads a
 second model keeps its variant when that one runs the new model too, else the load is refused
@@ -56,6 +59,7 @@ from appliance.fsutil import atomic_write
 LOG: Final = logging.getLogger(__name__)
 VARIANT_PREFIX: Final = "libggml-cpu-"
 CPU_VARIANT_PREFIX: Final = "llama.cpp CPU variant "  # how every line this module logs begins
+BACKEND_PREFIX: Final = "llama.cpp backend "  # ... but those about a GPU backend
 # The probe evaluates a prompt of tens of tokens (ggml picks matrix kernels by batch size: the
 # batched ones, where AMX and the repacked AVX-512 paths live) and then decodes one token.
 PROBE_PROMPT: Final = "The quick brown fox jumps over the lazy dog. " * 6
@@ -243,14 +247,47 @@ def load_backends(paths: Sequence[Path]) -> None:
     for path in paths:
         if str(path) in _LOADED:
             continue
-        if not load(os.fsencode(path)):
+        reg = load(os.fsencode(path))
+        if not reg:
             if path.name.startswith(VARIANT_PREFIX):
                 from signing.errors import ModelError  # noqa: PLC0415 - the failure path
 
                 raise ModelError(f"llama.cpp cannot load its CPU backend {path.name}")
-            LOG.warning("llama.cpp backend %s did not load (no such device?)", path.name)
+            # A CUDA build on a host without the driver (libcuda.so.1) or the CUDA libraries:
+            # the bundle allowed CPU fallback (the preflight said so), and the CPU serves.
+            LOG.warning(
+                "%s%s not loaded (%s): the CPU runs the model",
+                BACKEND_PREFIX,
+                path.name,
+                _why_not_loaded(path),
+            )
             continue
         _LOADED.add(str(path))
+        if not path.name.startswith(VARIANT_PREFIX) and _device_count(ggml, reg) == 0:
+            # It loaded (the CUDA libraries are there) but CUDA finds no GPU: no driver.
+            LOG.warning(
+                "%s%s loaded, but finds no device: the CPU runs the model",
+                BACKEND_PREFIX,
+                path.name,
+            )
+
+
+def _device_count(ggml: ctypes.CDLL, reg: int) -> int:
+    count = ggml.ggml_backend_reg_dev_count
+    count.argtypes = [ctypes.c_void_p]
+    count.restype = ctypes.c_size_t
+    return int(count(reg))
+
+
+def _why_not_loaded(path: Path) -> str:
+    """The dynamic loader's reason for a backend ggml would not load (ggml says it only on
+    stderr); a library that does load was refused by ggml itself (no entry point, another
+    API version)."""
+    try:
+        ctypes.CDLL(str(path))
+    except OSError as exc:
+        return str(exc).removeprefix(f"{path}: ")[:200]
+    return "ggml refused it"
 
 
 # -- the memory ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 from appliance.limits import HOST_LIMITS
 from appliance.runtime import cpuvariant
 from appliance.runtime.base import Backend, RuntimeSettings
-from appliance.runtime.cpuvariant import CPU_VARIANT_PREFIX
+from appliance.runtime.cpuvariant import BACKEND_PREFIX, CPU_VARIANT_PREFIX
 from appliance.runtime.memreport import MEMORY_PREFIX
 from appliance.slots import SlotPaths, env_python
 from signing.errors import IntegrityError, ModelError
@@ -84,4 +84,6 @@ def health_check(slot: Path, *, timeout_s: float = HOST_LIMITS.health_check_time
     for line in lines:
         if line.startswith((MEMORY_PREFIX, CPU_VARIANT_PREFIX)):
             LOG.info("health check: %s", line)
+        elif line.startswith(BACKEND_PREFIX):  # a GPU backend skipped: the operator should know
+            LOG.warning("health check: %s", line)
     return result.stdout.strip()
