@@ -23,12 +23,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from portable_build import recipe_wheel
+
 from builder.artifacts import Artifact
 from builder.cache import Cache
-from builder.fetch import fetch_all
 from builder.pipread import load_pip_lock
 from builder.recipe import PipEnvironment, Recipe, load_recipe
-from builder.sdist import build_wheels, cached_build
+from builder.sdist import cached_build
 from builder.wheels import select_pip_artifacts
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,23 +62,8 @@ def cached_cuda_wheel() -> tuple[Artifact, Path] | None:
 
 def cuda_wheel(work: Path) -> tuple[Artifact, Path]:
     """The CUDA build of llama-cpp-python (module docstring); compiles on a cache miss."""
-    recipe, env, sdists, cache = _inputs()
-    fetched = fetch_all(sdists, cache, jobs=2, progress=False)
     with _toolkit():
-        (built,) = build_wheels(
-            [(s, fetched[s.sha256]) for s in sdists],
-            env,
-            work,
-            isolation=env.build_isolation,
-            requires=recipe.requires,
-            cache=cache,
-            say=_say,
-        )
-    return built
-
-
-def _say(line: str) -> None:
-    sys.stderr.write(line + "\n")
+        return recipe_wheel(CUDA_RECIPE, work)
 
 
 @contextmanager

@@ -25,12 +25,28 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = REPO / "bundles" / "demo.toml"
 
 
-def portable_wheel(work: Path) -> tuple[Artifact, Path]:
-    """The dispatch build of llama-cpp-python (module docstring); compiles on a cache miss."""
-    recipe, _ = load_recipe(DEMO_RECIPE)
+# The demo's pinned llama.cpp packages as a recipe's [environment], for test recipes whose slot
+# must run the portable runtime (format with lock=DEMO_LOCK).
+DEMO_LOCK = REPO / "lockfiles" / "pylock.llamacpp-cpu.toml"
+SLOT_RUNTIME = """[environment]
+type = "pip"
+platform = "manylinux_2_28_x86_64"
+python = "3.11"
+requirements = ["llama-cpp-python==0.3.36"]
+lock = "{lock}"
+build_from_source = ["llama-cpp-python"]
+build_isolation = true
+smoke_imports = ["llama_cpp"]
+"""
+
+
+def recipe_wheel(recipe_path: Path, work: Path) -> tuple[Artifact, Path]:
+    """The llama.cpp sdist of ``recipe_path``'s lock, built through builder.sdist with that
+    recipe's settings (compiles on a build-cache miss)."""
+    recipe, _ = load_recipe(recipe_path)
     env = recipe.environment
     assert isinstance(env, PipEnvironment)
-    _, sdists = select_pip_artifacts(load_pip_lock(env.lock_path(DEMO_RECIPE), env), env)
+    _, sdists = select_pip_artifacts(load_pip_lock(env.lock_path(recipe_path), env), env)
     cache = Cache()
     fetched = fetch_all(sdists, cache, jobs=2, progress=False)
     (built,) = build_wheels(
@@ -43,6 +59,11 @@ def portable_wheel(work: Path) -> tuple[Artifact, Path]:
         say=lambda line: sys.stderr.write(line + "\n"),
     )
     return built
+
+
+def portable_wheel(work: Path) -> tuple[Artifact, Path]:
+    """The dispatch build of llama-cpp-python (module docstring); compiles on a cache miss."""
+    return recipe_wheel(DEMO_RECIPE, work)
 
 
 if __name__ == "__main__":  # compile ahead of the tests: python tests/portable_build.py DIR

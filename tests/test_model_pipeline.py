@@ -31,7 +31,7 @@ from helpers_cli import (
     ok,
     wait_for,
 )
-from portable_build import REPO
+from portable_build import DEMO_LOCK, SLOT_RUNTIME
 
 from builder.convert import CONVERTER_SDIST, GGUF_TYPES
 from builder.sbom import _pipeline_properties
@@ -100,7 +100,7 @@ def test_sbom_properties_carry_the_provenance() -> None:
 
 
 def test_converter_sdist_is_the_locked_one() -> None:
-    lock = tomllib.loads((REPO / "lockfiles" / "pylock.llamacpp-cpu.toml").read_text())
+    lock = tomllib.loads(DEMO_LOCK.read_text())
     (pkg,) = [p for p in lock["packages"] if p["name"] == CONVERTER_SDIST.name]
     assert pkg["version"] == CONVERTER_SDIST.version
     assert pkg["sdist"]["hashes"]["sha256"] == CONVERTER_SDIST.sha256
@@ -168,21 +168,6 @@ def test_hf_checkpoint_becomes_a_q8_bundle(tmp_path: Path, eval_python: Path) ->
     assert "made" in ok(builder("inspect", bundle)).out
 
 
-# The slot's runtime: the demo's pinned llama.cpp packages, compiled portably (the native build
-# in .venv cannot run quantised kernels on a VM that advertises AMX; the slot's own runtime
-# chooses a CPU variant by running it, docs/adr/0012).
-SLOT_RUNTIME = """[environment]
-type = "pip"
-platform = "manylinux_2_28_x86_64"
-python = "3.11"
-requirements = ["llama-cpp-python==0.3.36"]
-lock = "{lock}"
-build_from_source = ["llama-cpp-python"]
-build_isolation = true
-smoke_imports = ["llama_cpp"]
-"""
-
-
 @pytest.mark.slow
 def test_hf_checkpoint_to_q8_bundle_is_installed_and_served(
     tmp_path: Path, eval_python: Path
@@ -202,8 +187,10 @@ def test_hf_checkpoint_to_q8_bundle_is_installed_and_served(
         os.environ.clear()
         os.environ.update(saved)
     recipe = tmp_path / "recipe.toml"
-    lock = REPO / "lockfiles" / "pylock.llamacpp-cpu.toml"
-    recipe.write_text(RECIPE.format(model="hf", quantize="Q8_0") + SLOT_RUNTIME.format(lock=lock))
+    # The slot runs the portable runtime: .venv's native build cannot run quantised kernels
+    # on a VM that advertises AMX (docs/adr/0012).
+    slot_runtime = SLOT_RUNTIME.format(lock=DEMO_LOCK)
+    recipe.write_text(RECIPE.format(model="hf", quantize="Q8_0") + slot_runtime)
     key, root_json, bundle = tmp_path / "k.key", tmp_path / "root.json", tmp_path / "b.tar"
     ok(builder("keygen", key))
     ok(builder("root", "create", "--root-key", key, "--bundle-key", f"{key}.pub",

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from helpers_cli import builder, ok
-from portable_build import REPO, portable_wheel
+from portable_build import DEMO_LOCK, SLOT_RUNTIME, portable_wheel
 from realmodel import gemma_gguf
 
 from appliance.installer import Appliance, InstallOptions
@@ -53,15 +53,6 @@ path = "{model}"
 [runtime]
 backend = "llama.cpp"
 context_size = 256
-[environment]
-type = "pip"
-platform = "manylinux_2_28_x86_64"
-python = "3.11"
-requirements = ["llama-cpp-python==0.3.36"]
-lock = "{lock}"
-build_from_source = ["llama-cpp-python"]
-build_isolation = true
-smoke_imports = ["llama_cpp"]
 """
 # Run by the slot's interpreter: the runtime's variants, ranked here, or under a launcher.
 RANK = """
@@ -118,8 +109,7 @@ class Installed:
             },
         )
         recipe = base / "recipe.toml"
-        lock = REPO / "lockfiles" / "pylock.llamacpp-cpu.toml"
-        recipe.write_text(RECIPE.format(model=self.model, lock=lock))
+        recipe.write_text(RECIPE.format(model=self.model) + SLOT_RUNTIME.format(lock=DEMO_LOCK))
         self.bundle = base / "gemma.tar"
         started = time.monotonic()
         try:
