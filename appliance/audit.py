@@ -102,7 +102,10 @@ class AuditLog:
         :class:`IntegrityError` (exit 6) when the log's head shows tampering, and
         :class:`StateError` (exit 5) when the record cannot be written.
         """
-        self.ensure_appendable()  # before O_CREAT: a removed log must stay removed
+        if not self.path.exists():
+            # Before O_CREAT: a log removed behind its head must stay removed (the head check
+            # under the lock below covers a log that exists).
+            self.ensure_appendable()
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         except OSError as exc:
