@@ -55,6 +55,24 @@ _DISPATCH_ARGS: Final = {
     "GGML_BACKEND_DL": "ON",
     "GGML_CPU_ALL_VARIANTS": "ON",
 }
+# llama-server, built beside the bindings from the same sources and flags (the serving engine,
+# docs/adr/0014-llama-server-engine.md), installed into the wheel's ``bin/`` with the other
+# tools (small executables on the shared libraries; llama-batched-bench among them) and the
+# server's own library (``lib/libllama-server-impl.so``, installed only with the tools). No web
+# UI (it would be fetched from a hub at build time), no HTTPS client (no libssl on the host).
+# llama-cpp-python adds tools/mtmd itself (LLAVA_BUILD), which the tools add too: once is all
+# CMake allows, so the tools add it (libmtmd.so still lands in the wheel's ``lib/``).
+_SERVER_ARGS: Final = {
+    "LLAVA_BUILD": "OFF",
+    "LLAMA_BUILD_TOOLS": "ON",
+    "LLAMA_BUILD_SERVER": "ON",
+    "LLAMA_TOOLS_INSTALL": "ON",
+    "LLAMA_BUILD_UI": "OFF",
+    "LLAMA_USE_PREBUILT_UI": "OFF",
+    "LLAMA_OPENSSL": "OFF",
+    "LLAMA_BUILD_TESTS": "OFF",
+    "LLAMA_BUILD_EXAMPLES": "OFF",
+}
 _ISA: Final = ("GGML_SSE42", "GGML_AVX", "GGML_F16C", "GGML_FMA", "GGML_AVX2", "GGML_BMI2")
 _OFF_ALWAYS: Final = (
     "GGML_AVX_VNNI",
@@ -110,6 +128,7 @@ def llama_build(build_env: Mapping[str, str], requires: RequiresSection) -> Llam
         ours |= dict.fromkeys(_OFF_ALWAYS, "OFF")
     else:
         ours = dict(_DISPATCH_ARGS)
+    ours |= _SERVER_ARGS
     recipe_defines, rest = _split(build_env.get("CMAKE_ARGS", ""))
     cuda = _truthy(recipe_defines.get("GGML_CUDA", "OFF"))
     archs = tuple(requires.cuda_architectures)

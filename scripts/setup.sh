@@ -8,6 +8,17 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade "pip==25.3"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+# The llama.cpp runtime the way the builder compiles it for a slot (runtime CPU dispatch, and
+# llama-server beside the bindings: the serving engine), instead of PyPI's sdist compiled for
+# this machine. Compiled once per machine into the builder's cache (about 12 minutes on 2
+# cores), then taken from there; reinstalled only when the built wheel changes.
+read -r WHEEL _ < <(.venv/bin/python tests/portable_build.py .build/portable | tail -n 1)
+STAMP=".venv/.llama-runtime-$(sha256sum "$WHEEL" | cut -c1-16)"
+if [ ! -e "$STAMP" ]; then
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
+    --force-reinstall "$WHEEL"
+  rm -f .venv/.llama-runtime-* && touch "$STAMP"
+fi
 # qemu-user runs the portable-runtime test under an emulated CPU without AVX-512
 # (tests/test_portable_runtime.py); installed when missing, as root, where apt exists.
 if ! command -v qemu-x86_64 >/dev/null 2>&1; then

@@ -10,6 +10,7 @@ cache (builder.sdist.build_key) keeps the wheel, so a machine compiles it once p
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -68,5 +69,11 @@ def portable_wheel(work: Path) -> tuple[Artifact, Path]:
 
 if __name__ == "__main__":  # compile ahead of the tests: python tests/portable_build.py DIR
     os.nice(10)
-    artifact, wheel = portable_wheel(Path(sys.argv[1]))
-    sys.stdout.write(f"{wheel} {artifact.cpu_build}\n")
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    artifact, wheel = portable_wheel(out)
+    # Under its own name (pip installs a wheel by its file name; the cache's file has none).
+    named = out / artifact.filename
+    if not named.is_file() or named.stat().st_size != wheel.stat().st_size:
+        shutil.copyfile(wheel, named)
+    sys.stdout.write(f"{named} {artifact.cpu_build}\n")

@@ -33,7 +33,19 @@ from signing.requirements import (
 )
 
 PY = f"{sys.version_info.major}.{sys.version_info.minor}"
-DISPATCH = ["-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON"]
+# llama-server and the tools beside the bindings (docs/adr/0014), in every llama.cpp build.
+SERVER = [
+    "-DLLAVA_BUILD=OFF",
+    "-DLLAMA_BUILD_TOOLS=ON",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_TOOLS_INSTALL=ON",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+]
+DISPATCH = ["-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON", *SERVER]
 SETUP_PY = """\
 import os
 from setuptools import setup
