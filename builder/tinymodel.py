@@ -32,6 +32,7 @@ def write_tiny_llama(
     n_ff: int = 128,
     context: int = 256,
     seed: int = 0,
+    chat_template: str = CHAT_TEMPLATE,
 ) -> None:
     """Write a llama GGUF with random weights to ``out``."""
     try:
@@ -67,7 +68,7 @@ def write_tiny_llama(
     writer.add_unk_token_id(0)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template(chat_template)
     writer.add_tensor("token_embd.weight", weights(n_vocab, n_embd))
     writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
     writer.add_tensor("output.weight", weights(n_vocab, n_embd))

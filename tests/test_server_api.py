@@ -234,8 +234,9 @@ def test_n_other_than_one_is_400(client: openai.OpenAI) -> None:
         ({"stop": ["x"] * 17}, "stop"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"logprobs": True}, "logprobs"),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+        ({"frobnicate": True}, "frobnicate"),  # unknown: refused, never ignored
+        ({"n": 2}, "n"),
     ],
 )
 def test_bad_parameters_are_400_naming_the_parameter(

@@ -14,7 +14,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from appliance.limits import HOST_LIMITS
-from appliance.runtime import cpuvariant
 from appliance.runtime.base import Backend, RuntimeSettings
 from appliance.runtime.cpuvariant import BACKEND_PREFIX, CPU_VARIANT_PREFIX
 from appliance.runtime.memreport import MEMORY_PREFIX
@@ -44,15 +43,11 @@ def slot_runtime_settings(slot: Path, *, parallel: int = 4) -> RuntimeSettings:
 
 def load_backend(settings: RuntimeSettings) -> Backend:
     if settings.backend == "llama.cpp":
-        # A runtime built with CPU dispatch loads no CPU backend by itself: choose the variant
-        # this host executes (remembered in the slot by the health check), then load the model.
-        memory = None if settings.slot is None else SlotPaths(settings.slot).cpu_variant
-        cpuvariant.prepare(model_path=settings.model_path, memory=memory)
-        from appliance.runtime.llamacpp_batch import (  # noqa: PLC0415 - heavy, optional
-            load_llamacpp_batched,
-        )
+        # llama.cpp's own server, supervised (docs/adr/0014); it runs the CPU variant this
+        # host executes (remembered in the slot by the health check).
+        from appliance.runtime.llamaserver import load_llama_server  # noqa: PLC0415
 
-        return load_llamacpp_batched(settings)
+        return load_llama_server(settings)
     from appliance.runtime.transformers_backend import (  # noqa: PLC0415 - heavy, optional
         load_transformers,
     )

@@ -53,7 +53,7 @@ async def respond(
         record.prompt = prompt
     # Waiting for a slot and for the backend to take the prompt can be long: a client that
     # leaves meanwhile gives up its place (the generation, if it started, stops at once).
-    running = await _unless_disconnected(request.receive, state.engine.generate(record, start))
+    running = await unless_disconnected(request.receive, state.engine.generate(record, start))
     if body.stream:
         return StreamingResponse(
             _events(running, shape, record),
@@ -61,7 +61,7 @@ async def respond(
             headers=SSE_HEADERS,
         )
     try:
-        text, finish_reason = await _unless_disconnected(request.receive, running.collect())
+        text, finish_reason = await unless_disconnected(request.receive, running.collect())
     except ClientClosedError:
         running.finish("cancelled")
         raise
@@ -94,7 +94,7 @@ async def _events(
             record.error = ClientClosedError.code
 
 
-async def _unless_disconnected(receive: Receive, work: Coroutine[Any, Any, T]) -> T:
+async def unless_disconnected(receive: Receive, work: Coroutine[Any, Any, T]) -> T:
     """The result of ``work``, unless the client disconnects first: then ``work`` is
     cancelled and the answer is 499."""
     task = asyncio.ensure_future(work)

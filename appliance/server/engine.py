@@ -114,6 +114,11 @@ class Engine:
         loop = asyncio.get_running_loop()
         return loop.time() + self.request_timeout_s - (time.monotonic() - record.started)
 
+    async def admit(self, record: RequestRecord, deadline: float) -> Lease:
+        """A run slot and a lease on the backend, for a caller that does the work itself (the
+        relay): it gives back both, ``lease.release()`` and ``admission.release()``."""
+        return await self._admit(record, deadline)
+
     async def _admit(self, record: RequestRecord, deadline: float) -> Lease:
         try:
             async with asyncio.timeout_at(deadline):

@@ -135,9 +135,22 @@ def api_error_body(exc: APIError) -> dict[str, Any]:
     return error_body(exc.message, type_=exc.type, code=exc.code, param=exc.param)
 
 
+OLLAMA_PREFIX: Final = "/api/"
+
+
+def error_payload(path: str, exc: APIError) -> dict[str, Any]:
+    """The error body for a request to ``path``: OpenAI's shape, or Ollama's
+    (``{"error": "message"}``, what Ollama's clients read) under ``/api/``."""
+    if path.startswith(OLLAMA_PREFIX):
+        return {"error": exc.message}
+    return api_error_body(exc)
+
+
 def error_response(request: Request, exc: APIError) -> JSONResponse:
     RequestRecord.of(request).error = exc.code or exc.type
-    return JSONResponse(api_error_body(exc), status_code=exc.status, headers=exc.headers())
+    return JSONResponse(
+        error_payload(request.url.path, exc), status_code=exc.status, headers=exc.headers()
+    )
 
 
 def as_api_error(exc: AirgapError) -> APIError:

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.server.auth import KeyChecker
 from appliance.server.engine import Engine
-from appliance.server.errors import APIError, AuthenticationError, BodyTooLargeError, api_error_body
+from appliance.server.errors import APIError, AuthenticationError, BodyTooLargeError, error_payload
 from appliance.server.record import STATE_KEY, RequestRecord
 from appliance.server.requestlog import RequestLog
 
@@ -161,7 +161,7 @@ async def _answer(
 ) -> None:
     RequestRecord.of_scope(scope).error = error.code
     response = JSONResponse(
-        api_error_body(error), status_code=error.status, headers=error.headers()
+        error_payload(scope["path"], error), status_code=error.status, headers=error.headers()
     )
     if close:
         response.headers["Connection"] = "close"

@@ -94,22 +94,110 @@ class SamplingRequest(_Request):
         )
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
+class ContentPart(BaseModel):
+    """A part of a message's content: text, or media the engine may take (an image for a model
+    with a projector); the in-process backends take text only."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "image_url", "input_audio", "file"]
+    text: str | None = None
 
 
 class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text or "" for part in self.content)
+        return self.content or ""
 
     def to_message(self) -> ChatMessage:
+        """The message for an in-process backend, which knows text only."""
         if isinstance(self.content, list):
-            text = "".join(part.text for part in self.content)
-        else:
-            text = self.content or ""
-        return ChatMessage(role=self.role, content=text)
+            for part in self.content:
+                if part.type != "text":
+                    raise UnsupportedParameterError(
+                        f"content of type {part.type} needs the llama.cpp engine",
+                        param="messages",
+                    )
+        if self.tool_calls or self.tool_call_id:
+            raise UnsupportedParameterError(
+                "tool calls need the llama.cpp engine", param="messages"
+            )
+        return ChatMessage(role=self.role, content=self.text())
+
+
+# What the llama.cpp engine (llama-server) takes beyond the fields declared below: OpenAI's
+# optional fields it implements, and llama.cpp's own sampling and template extensions
+# (docs/api.md lists them). Any other field is refused by name: never silently ignored.
+ENGINE_CHAT_FIELDS: Final = frozenset(
+    {
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "response_format",
+        "logprobs",
+        "top_logprobs",
+        "logit_bias",
+        "chat_template_kwargs",
+        "reasoning_format",
+    }
+)
+ENGINE_SAMPLING_FIELDS: Final = frozenset(
+    {
+        "top_k",
+        "min_p",
+        "typical_p",
+        "repeat_last_n",
+        "dry_multiplier",
+        "dry_base",
+        "dry_allowed_length",
+        "dry_penalty_last_n",
+        "xtc_probability",
+        "xtc_threshold",
+        "mirostat",
+        "mirostat_tau",
+        "mirostat_eta",
+        "grammar",
+        "json_schema",
+        "n_probs",
+        "min_keep",
+        "ignore_eos",
+        "cache_prompt",
+        "samplers",
+    }
+)
+# OpenAI fields the engine does not implement: refused with the reason.
+ENGINE_REFUSED: Final = {
+    "functions": "the deprecated functions API: use tools",
+    "function_call": "the deprecated functions API: use tool_choice",
+    "audio": "audio output is not supported",
+    "prediction": "predicted outputs are not supported",
+    "store": "stored completions are not supported",
+    "metadata": "stored completions are not supported",
+    "service_tier": "there is one service tier",
+    "web_search_options": "web search is not available on an isolated host",
+    "reasoning_effort": "use chat_template_kwargs (e.g. enable_thinking) for reasoning models",
+    "echo": "echo is not supported",
+    "suffix": "suffix (fill-in-the-middle) is not supported on /v1/completions",
+    "best_of": "best_of is not supported",
+}
+_HARMLESS: Final = {
+    "modalities": (["text"],),
+    "store": (False,),
+    "echo": (False,),
+    "best_of": (1,),
+    "service_tier": ("auto", "default"),
+    "function_call": ("none",),
+}
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -136,6 +224,15 @@ class ChatCompletionRequest(SamplingRequest):
     def chat(self) -> list[ChatMessage]:
         return [m.to_message() for m in self.messages]
 
+    def engine_payload(self) -> dict[str, Any]:
+        """The body for the llama.cpp engine, after refusing what it cannot honour."""
+        return engine_payload(self, ENGINE_CHAT_FIELDS | ENGINE_SAMPLING_FIELDS)
+
+    def prompt_bytes(self) -> int:
+        """Bytes of text in the messages: a lower bound of the prompt (the template adds to
+        it), for the byte bound that refuses a prompt that cannot fit before it is tokenized."""
+        return sum(len(m.text().encode("utf-8", "replace")) for m in self.messages)
+
 
 class CompletionRequest(SamplingRequest):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
@@ -154,6 +251,13 @@ class CompletionRequest(SamplingRequest):
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
+    def engine_payload(self) -> dict[str, Any]:
+        """The body for the llama.cpp engine, after refusing what it cannot honour."""
+        return engine_payload(self, frozenset({"logprobs", "logit_bias"}) | ENGINE_SAMPLING_FIELDS)
+
+    def prompt_bytes(self) -> int:
+        return len(self.text().encode("utf-8", "replace"))
+
 
 class EmbeddingRequest(_Request):
     model: str
@@ -166,6 +270,24 @@ class EmbeddingRequest(_Request):
     def texts(self) -> list[str]:
         self.reject_unsupported()
         return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+def engine_payload(request: SamplingRequest, allowed: frozenset[str]) -> dict[str, Any]:
+    """``request`` as the engine's body: every field given must be declared or ``allowed``;
+    one the engine does not implement is refused with the reason, an unknown one as unknown."""
+    for name, value in (request.model_extra or {}).items():
+        if name in allowed or value in _HARMLESS.get(name, ()):
+            continue
+        if name in ENGINE_REFUSED:
+            raise UnsupportedParameterError(
+                f"{name} is not supported: {ENGINE_REFUSED[name]}", param=name
+            )
+        if name == "modalities":
+            raise UnsupportedParameterError("only text output is supported", param=name)
+        raise UnsupportedParameterError(f"unknown parameter: {name}", param=name)
+    if request.n not in (None, 1):
+        raise BadRequestError("only n=1 is supported", param="n")
+    return request.model_dump(exclude_unset=True)
 
 
 def lone_surrogate_at(data: Any) -> str | None:

@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Final, NoReturn
 
@@ -83,12 +84,14 @@ class SlotFollower:
         holder: ModelHolder,
         *,
         parallel: int,
+        threads: int | None = None,
         load: Callable[[RuntimeSettings], Backend] = load_backend,
         interval_s: float = POLL_S,
     ) -> None:
         self._appliance = Appliance(root)
         self._holder = holder
         self._parallel = parallel
+        self._threads = threads  # the operator's, over the recipe's
         self._load = load
         self._interval_s = interval_s
         self._serving: str | None = None  # the slot whose model the holder has
@@ -179,7 +182,10 @@ class SlotFollower:
         return self._appliance.paths.slots / self._serving
 
     def _load_slot(self, slot: SlotInfo) -> Backend:
-        return self._load(slot_runtime_settings(slot.path, parallel=self._parallel))
+        settings = slot_runtime_settings(slot.path, parallel=self._parallel)
+        if self._threads is not None:
+            settings = replace(settings, threads=self._threads)
+        return self._load(settings)
 
     def _confirm(self, slot_id: str) -> None:
         try:
@@ -209,6 +215,8 @@ class SlotFollower:
 def serve(root: Path, settings: ServerSettings) -> None:
     """Serve the active slot of the appliance at ``root`` until SIGINT/SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)-9s %(message)s")
+    # One line per request to the engine is httpx's INFO: not the operator's business.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = settings.resolved(root=root)
     if settings.api_key_file is not None and not KeyStore(settings.api_key_file).list():
         raise StateError(
@@ -218,7 +226,7 @@ def serve(root: Path, settings: ServerSettings) -> None:
     if active is not None and not runs_under(python := interpreter_for(active.path)):
         reexec(python)
     holder = ModelHolder()
-    follower = SlotFollower(root, holder, parallel=settings.concurrency)
+    follower = SlotFollower(root, holder, parallel=settings.concurrency, threads=settings.threads)
     follower.load_active()
     serving = follower.serving_slot()
     if serving is not None and not runs_under(python := interpreter_for(serving)):

@@ -43,6 +43,12 @@ class ServerSettings(BaseSettings):
         ge=1,
         description=f"Requests generating at once (default: {DEFAULT_PARALLEL}, the runtime's).",
     )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="llama.cpp threads (default: the recipe's runtime.threads, else half the "
+        "CPUs serve may use): fewer than the cores degrades gracefully on a shared host.",
+    )
     max_queue: int = Field(
         16, ge=0, description="Requests waiting for a free slot; beyond that: 429."
     )

@@ -7,6 +7,7 @@ from typing import Any, Final
 from fastapi import APIRouter
 
 from appliance.server.deps import EngineDep, KeyName
+from appliance.server.errors import NotReadyError
 
 router = APIRouter(tags=["health"])
 
@@ -20,4 +21,8 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", summary="Readiness: a model is loaded and can take requests")
 async def readyz(engine: EngineDep, _key: KeyName) -> dict[str, Any]:
-    return {"status": "ready", "model": engine.model_id()}
+    model = engine.model_id()
+    backend = engine.holder.get()
+    if not getattr(backend, "ready", True):  # the llama.cpp engine is restarting after a crash
+        raise NotReadyError(f"the engine of {model} is restarting")
+    return {"status": "ready", "model": model}

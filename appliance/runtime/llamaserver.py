@@ -1,0 +1,680 @@
+"""llama.cpp's own server as the engine: one supervised ``llama-server`` child per served slot.
+
+The builder compiles ``llama-server`` beside the bindings, from the same pinned llama.cpp source
+and with the same portable flags (builder.llamabuild), so it lands in the slot's environment as
+``site-packages/bin/llama-server`` next to the CPU variants (docs/adr/0014). Serving through it
+brings what llama.cpp maintains family by family: chat templates, tool-call parsers, grammars
+and JSON schemas, reasoning output split into ``reasoning_content``, and its batch scheduler.
+
+The child is private to this process:
+
+- it listens on a unix socket in a directory only this user can enter, and requires a random
+  per-start secret as its API key: nothing else on the host can talk to it;
+- its CPU backend is the variant this host was proven to execute (appliance.runtime.cpuvariant):
+  ggml loads the best scored ``libggml-cpu-*.so`` of the executable's directory, and CPUID can
+  lie (AMX here), so the engine runs from a directory of its own (:func:`engine_dir`) that holds
+  a hard link to the server and links to that one variant and the GPU backends, nothing else;
+- it dies with us (``PR_SET_PDEATHSIG``), is restarted with back-off when it crashes, and is
+  stopped with SIGTERM (SIGKILL after :data:`STOP_TIMEOUT_S`).
+
+Settings come from the signed runtime table (context, threads, GPU layers) and from serve
+(parallel sequences). Threads default to half the CPUs this process may use, at least one: on a
+shared host a llama.cpp thread that loses its core stalls every other one at the next barrier,
+and throughput collapses; one thread per physical core (hyper-threads share the units) holds up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import logging
+import os
+import queue
+import secrets
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import httpx
+
+from appliance.runtime import cpuvariant
+from appliance.runtime.base import (
+    DEFAULT_CONTEXT,
+    ChatMessage,
+    ContextLengthError,
+    FinishReason,
+    Generation,
+    GenerationChunk,
+    RuntimeSettings,
+    SamplingParams,
+    encode_prompt,
+)
+from appliance.slots import SlotPaths
+from signing.errors import InputError, ModelError
+
+LOG: Final = logging.getLogger(__name__)
+ENGINE_PREFIX: Final = "llama-server "  # how every line of the child's log this module keeps begins
+SERVER_NAME: Final = "llama-server"
+READY_TIMEOUT_S: Final = 300.0
+STOP_TIMEOUT_S: Final = 10.0
+BACKOFF_S: Final = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+STABLE_S: Final = 60.0  # a child that ran this long resets the back-off
+TAIL_LINES: Final = 40
+STARTUP_LINES: Final = 2000
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def default_threads() -> int:
+    """Half the CPUs this process may run on, at least one (module docstring)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // 2)
+
+
+@dataclass(frozen=True)
+class ServerBinary:
+    """A ``llama-server`` and the libraries it loads."""
+
+    server: Path
+    lib: Path  # libllama.so, libggml*.so, libmtmd.so
+    runtime: cpuvariant.Runtime | None  # the dispatch build's CPU variants, or None
+
+
+def find_server() -> ServerBinary:
+    """The ``llama-server`` installed with this interpreter's llama_cpp (``site-packages/bin``);
+    ModelError when there is none (a runtime built before the server was part of it)."""
+    runtime = cpuvariant.find_runtime()
+    if runtime is not None:
+        site = runtime.site
+    else:
+        import importlib.util  # noqa: PLC0415 - only here
+
+        spec = importlib.util.find_spec("llama_cpp")
+        if spec is None or spec.origin is None:
+            raise ModelError("the llama.cpp engine needs llama-cpp-python, which is not installed")
+        site = Path(spec.origin).parent.parent
+    server = site / "bin" / SERVER_NAME
+    if not server.is_file():
+        raise ModelError(
+            f"this environment's llama.cpp has no {SERVER_NAME} ({server}): rebuild the bundle "
+            "with this appliance-builder, which compiles it beside the bindings"
+        )
+    return ServerBinary(server=server, lib=site / "lib", runtime=runtime)
+
+
+def engine_dir(binary: ServerBinary, variant: Path | None, where: Path) -> Path:
+    """A directory from which the server loads exactly ``variant`` and the GPU backends: a hard
+    link (or copy) of the server, symbolic links to the libraries (module docstring)."""
+    where.mkdir(parents=True, exist_ok=True)
+    for old in where.iterdir():
+        old.unlink()
+    server = where / SERVER_NAME
+    try:
+        os.link(binary.server, server)
+    except OSError:  # another file system: a copy runs the same
+        import shutil  # noqa: PLC0415
+
+        shutil.copy2(binary.server, server)
+    backends = [variant] if variant is not None else []
+    if binary.runtime is not None:
+        backends += list(binary.runtime.others)
+    for backend in backends:
+        (where / backend.name).symlink_to(backend)
+    return server
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class _Spawner:
+    """Starts the children from one thread that lives as long as the process.
+
+    ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child ends, not the process:
+    a child started from a request's worker thread, or from the slot follower, would be killed
+    when that thread is retired. This thread is never retired.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[tuple[list[str], dict[str, Any], Future[Any]]] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+
+    def popen(self, command: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="appliance-engine-spawner", daemon=True
+                )
+                self._thread.start()
+        done: Future[subprocess.Popen[bytes]] = Future()
+        self._jobs.put((command, kwargs, done))
+        return done.result()
+
+    def _run(self) -> None:
+        while True:
+            command, kwargs, done = self._jobs.get()
+            try:
+                done.set_result(subprocess.Popen(command, **kwargs))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                done.set_exception(exc)
+
+
+_SPAWNER: Final = _Spawner()
+
+
+class EngineProcess:
+    """One supervised ``llama-server`` (module docstring). :meth:`start` returns once it
+    answers ``/health``; a crash later is restarted with back-off until :meth:`close`."""
+
+    def __init__(
+        self,
+        settings: RuntimeSettings,
+        *,
+        embeddings: bool = False,
+        ready_timeout_s: float = READY_TIMEOUT_S,
+    ) -> None:
+        self.settings = settings
+        self.embeddings = embeddings
+        self.secret = secrets.token_urlsafe(32)
+        self._ready_timeout_s = ready_timeout_s
+        self._binary = find_server()
+        self._home = Path(tempfile.mkdtemp(prefix="appliance-engine-"))  # 0700
+        self.socket = self._home / "engine.sock"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._ready = threading.Event()
+        self._tail: deque[str] = deque(maxlen=TAIL_LINES)
+        # What the child logged until it first served (llama.cpp's buffer sizes: memreport).
+        self.startup_lines: list[str] = []
+        self._supervisor: threading.Thread | None = None
+        self.restarts = 0
+        self.props: dict[str, Any] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def command(self, server: Path) -> list[str]:
+        s = self.settings
+        parallel = 1 if self.embeddings else max(1, s.parallel)
+        per_sequence = s.context_size or DEFAULT_CONTEXT
+        threads = s.threads or default_threads()
+        command = [
+            str(server),
+            "--model", str(s.model_path),
+            "--host", str(self.socket),
+            "--api-key", self.secret,
+            "--alias", s.model_id,
+            "--ctx-size", str(per_sequence * parallel),
+            "--parallel", str(parallel),
+            "--threads", str(threads),
+            "--threads-batch", str(threads),
+            "--threads-http", str(max(2, parallel)),
+            "--n-gpu-layers", str(-1 if s.gpu_layers is None else s.gpu_layers),
+            "--jinja",
+            "--no-webui",
+            "--metrics",
+            "--no-slots",
+            "--reasoning-format", "deepseek",
+            "--timeout", "3600",
+            "--log-verbosity", "3",
+            "--no-warmup",
+        ]  # fmt: skip
+        if self.embeddings:
+            command += ["--embeddings", "--pooling", "mean"]
+        return command
+
+    def start(self) -> None:
+        """Start the child and wait until it serves (ModelError with its last words if not)."""
+        variant = self._variant()
+        server = engine_dir(self._binary, variant, self._home / "bin")
+        self._server = server
+        self._spawn()
+        self._wait_ready()
+        self._supervisor = threading.Thread(
+            target=self._supervise, name="appliance-engine", daemon=True
+        )
+        self._supervisor.start()
+
+    def _variant(self) -> Path | None:
+        runtime = self._binary.runtime
+        if runtime is None:
+            return None  # a build with one CPU backend, linked in: nothing to choose
+        memory = None if self.settings.slot is None else SlotPaths(self.settings.slot).cpu_variant
+        choice = cpuvariant.choose(runtime, model_path=self.settings.model_path, memory=memory)
+        LOG.info("%s", choice.describe())
+        return choice.path
+
+    def _spawn(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_")}
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(self._binary.lib), env.get("LD_LIBRARY_PATH", "")) if p
+        )
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+        proc = subprocess.Popen(
+            self.command(self._server),
+            cwd=self._server.parent,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, no locks taken
+        )
+        with self._lock:
+            self._proc = proc
+        self._ready.clear()
+        threading.Thread(
+            target=self._drain, args=(proc,), name="appliance-engine-log", daemon=True
+        ).start()
+
+    def _drain(self, proc: subprocess.Popen[bytes]) -> None:
+        for raw in proc.stdout or ():
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                self._tail.append(line)
+                if not self._ready.is_set() and len(self.startup_lines) < STARTUP_LINES:
+                    self.startup_lines.append(line)
+                LOG.debug("%s%s", ENGINE_PREFIX, line)
+
+    def last_words(self) -> str:
+        """The child's last meaningful log line (why it failed to start or died)."""
+        for line in reversed(self._tail):
+            low = line.lower()
+            if any(w in low for w in ("error", "failed", "unable", "cannot", "invalid")):
+                return line.strip()
+        return self._tail[-1].strip() if self._tail else "no output"
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self._ready_timeout_s
+        with self.client(timeout=5.0) as http:
+            while time.monotonic() < deadline:
+                proc = self._proc
+                if proc is None or proc.poll() is not None:
+                    code = None if proc is None else proc.returncode
+                    raise ModelError(
+                        f"{SERVER_NAME} exited ({_describe_exit(code)}) while loading the "
+                        f"model: {self.last_words()}"
+                    )
+                try:
+                    if http.get("/health").status_code == 200:
+                        self.props = http.get("/props").json()
+                        self._ready.set()
+                        return
+                except (httpx.TransportError, ValueError):
+                    pass
+                time.sleep(0.05)
+        self._kill()
+        raise ModelError(
+            f"{SERVER_NAME} did not load the model within {self._ready_timeout_s:.0f} s: "
+            f"{self.last_words()}"
+        )
+
+    def _supervise(self) -> None:
+        failures = 0
+        while not self._closing.is_set():
+            proc = self._proc
+            if proc is None:
+                return
+            started = time.monotonic()
+            code = proc.wait()
+            if self._closing.is_set():
+                return
+            self._ready.clear()
+            if time.monotonic() - started > STABLE_S:
+                failures = 0
+            delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
+            failures += 1
+            LOG.error(
+                "%s exited (%s): %s; restarting in %.1f s",
+                SERVER_NAME,
+                _describe_exit(code),
+                self.last_words(),
+                delay,
+            )
+            if self._closing.wait(delay):
+                return
+            try:
+                self._spawn()
+                self._wait_ready()
+                self.restarts += 1
+                LOG.info("%s restarted and serving", SERVER_NAME)
+            except ModelError as exc:
+                LOG.error("%s did not come back: %s", SERVER_NAME, exc.diagnostics())  # noqa: TRY400
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def close(self) -> None:
+        """Stop the child: SIGTERM, then SIGKILL after :data:`STOP_TIMEOUT_S`."""
+        self._closing.set()
+        self._kill()
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            self._supervisor.join(timeout=STOP_TIMEOUT_S)
+        import shutil  # noqa: PLC0415
+
+        shutil.rmtree(self._home, ignore_errors=True)
+
+    def _kill(self) -> None:
+        with self._lock:
+            proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    @property
+    def pid(self) -> int | None:
+        proc = self._proc
+        return None if proc is None else proc.pid
+
+    # -- talking to it ---------------------------------------------------------------------
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.secret}"}
+
+    def client(self, *, timeout: float | None = 30.0) -> httpx.Client:
+        transport = httpx.HTTPTransport(uds=str(self.socket))
+        return httpx.Client(
+            transport=transport, base_url="http://engine", headers=self.headers, timeout=timeout
+        )
+
+    def async_client(self) -> httpx.AsyncClient:
+        transport = httpx.AsyncHTTPTransport(uds=str(self.socket))
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        return httpx.AsyncClient(
+            transport=transport,
+            base_url="http://engine",
+            headers=self.headers,
+            timeout=httpx.Timeout(None),
+            limits=limits,
+        )
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "not started"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit status {code}"
+
+
+class LlamaServerBackend:
+    """The served llama.cpp model: a supervised ``llama-server`` (:class:`EngineProcess`).
+
+    The REST layer relays the OpenAI routes to it (appliance.server.relay); :meth:`generate`
+    and :meth:`embed` are the same engine through the :class:`~appliance.runtime.base.Backend`
+    interface, for the install health check and the in-process callers.
+    """
+
+    relay = True  # the REST layer passes requests through (appliance.server.relay)
+
+    def __init__(self, settings: RuntimeSettings) -> None:
+        self.settings = settings
+        self.engine = EngineProcess(settings)
+        # The vocabulary scan (a second for the largest) runs while the engine loads.
+        scan: Future[int] = Future()
+        threading.Thread(
+            target=_settle, args=(scan, _longest_token_bytes, settings.model_path), daemon=True
+        ).start()
+        self.engine.start()
+        try:
+            served = self.engine.props.get("default_generation_settings", {})
+            self._context = int(served.get("n_ctx") or settings.context_size or DEFAULT_CONTEXT)
+            self._token_bytes = scan.result()
+        except BaseException:
+            self.engine.close()  # never a child without an owner
+            raise
+        self._embedder: EngineProcess | None = None
+        self._embed_lock = threading.Lock()
+        self._async: dict[int, httpx.AsyncClient] = {}
+
+    def async_http(self) -> httpx.AsyncClient:
+        """A pooled client to the engine for the running event loop (the relay's)."""
+        import asyncio  # noqa: PLC0415
+
+        loop = id(asyncio.get_running_loop())
+        client = self._async.get(loop)
+        if client is None:
+            client = self._async[loop] = self.engine.async_client()
+        return client
+
+    @property
+    def model_id(self) -> str:
+        return self.settings.model_id
+
+    @property
+    def context_size(self) -> int:
+        return self._context
+
+    @property
+    def token_bytes(self) -> int:
+        return self._token_bytes
+
+    @property
+    def supports_embeddings(self) -> bool:
+        return True
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.ready
+
+    def check_prompt_bytes(self, size: int) -> None:
+        """Refuse, untokenized, a prompt of ``size`` bytes that cannot fit (base.encode_prompt)."""
+        limit = self._context * self._token_bytes
+        if size > limit:
+            from appliance.runtime.base import PromptTooLongError  # noqa: PLC0415
+
+            raise PromptTooLongError(size, context=self._context, token_bytes=self._token_bytes)
+
+    def format_chat(self, messages: Sequence[ChatMessage]) -> str:
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        with self.engine.client() as http:
+            response = http.post("/apply-template", json={"messages": chat})
+        _raise_for_engine(response)
+        return str(response.json()["prompt"])
+
+    def count_tokens(self, text: str) -> int:
+        data = encode_prompt(text, context=self._context, token_bytes=self._token_bytes)
+        with self.engine.client() as http:
+            response = http.post(
+                "/tokenize", json={"content": data.decode("utf-8"), "add_special": True}
+            )
+        _raise_for_engine(response)
+        count = len(response.json()["tokens"])
+        if count > self._context:
+            raise ContextLengthError(count, self._context)
+        return count
+
+    def generate(self, prompt: str, params: SamplingParams) -> Generation:
+        encode_prompt(prompt, context=self._context, token_bytes=self._token_bytes)
+        body: dict[str, Any] = {
+            "prompt": prompt,
+            "stream": True,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "stop": list(params.stop),
+            "repeat_penalty": params.repeat_penalty,
+            "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty,
+            "n_predict": -1 if params.max_tokens is None else params.max_tokens,
+            "return_tokens": False,
+        }
+        if params.seed is not None:
+            body["seed"] = params.seed
+        http = self.engine.client(timeout=None)
+        stream = http.stream("POST", "/completion", json=body)
+        response = stream.__enter__()
+        if response.status_code != 200:
+            response.read()
+            stream.__exit__(None, None, None)
+            http.close()
+            _raise_for_engine(response)
+        events = _sse_json(response.iter_lines())
+        first = next(events, None)
+        if first is None:
+            stream.__exit__(None, None, None)
+            http.close()
+            raise ModelError(f"{SERVER_NAME} ended the stream before the first token")
+        generation = Generation(prompt_tokens=0, chunks=iter(()))
+        generation.prompt_tokens = int(first.get("tokens_evaluated") or 0)
+
+        def chunks() -> Iterator[GenerationChunk]:
+            count = 0
+            try:
+                event: dict[str, Any] | None = first
+                while event is not None:
+                    if generation.cancel.is_set():
+                        return
+                    text = str(event.get("content", ""))
+                    if text:
+                        count += 1
+                    if event.get("stop"):
+                        predicted = int(event.get("tokens_predicted") or count)
+                        generation.prompt_tokens = int(
+                            event.get("tokens_evaluated") or generation.prompt_tokens
+                        )
+                        reason: FinishReason = (
+                            "length" if event.get("stop_type") == "limit" else "stop"
+                        )
+                        yield GenerationChunk(text, reason, predicted)
+                        return
+                    yield GenerationChunk(text, None, count)
+                    event = next(events, None)
+            finally:
+                stream.__exit__(None, None, None)
+                http.close()
+
+        generation.chunks = chunks()
+        return generation
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        for text in texts:
+            encode_prompt(text, context=self._context, token_bytes=self._token_bytes)
+        embedder = self.embedder()
+        with embedder.client(timeout=None) as http:
+            response = http.post("/v1/embeddings", json={"input": list(texts)})
+        _raise_for_engine(response)
+        data = response.json()["data"]
+        return [list(map(float, item["embedding"])) for item in data]
+
+    def embedder(self) -> EngineProcess:
+        """The embedding engine (a second child with pooling), started on first use."""
+        with self._embed_lock:
+            if self._embedder is None:
+                embedder = EngineProcess(self.settings, embeddings=True)
+                embedder.start()
+                self._embedder = embedder
+            return self._embedder
+
+    def close(self) -> None:
+        self.engine.close()
+        with self._embed_lock:
+            if self._embedder is not None:
+                self._embedder.close()
+                self._embedder = None
+
+
+def _settle(future: Future[Any], fn: Any, *args: Any) -> None:
+    try:
+        future.set_result(fn(*args))
+    except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+        future.set_exception(exc)
+
+
+def _sse_json(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    for line in lines:
+        if line.startswith("data: "):
+            payload = line[6:].strip()
+            if payload == "[DONE]":
+                return
+            yield json.loads(payload)
+
+
+def engine_error(status: int, body: bytes) -> tuple[str, str]:
+    """(type, message) of an error answer of llama-server (``{"error": {...}}``)."""
+    try:
+        error = json.loads(body)["error"]
+        return str(error.get("type", "server_error")), str(error.get("message", ""))[:1000]
+    except (ValueError, KeyError, TypeError):
+        return "server_error", f"status {status}: {body[:200]!r}"
+
+
+def _raise_for_engine(response: httpx.Response) -> None:
+    if response.status_code == 200:
+        return
+    kind, message = engine_error(response.status_code, response.read())
+    if kind == "exceed_context_size_error":
+        raise InputError(message)
+    if response.status_code == 400:
+        raise InputError(message)
+    raise ModelError(f"{SERVER_NAME} answered {response.status_code}: {message}")
+
+
+def _longest_token_bytes(model: Path) -> int:
+    """The most bytes of text one token of the model stands for (base.encode_prompt's bound),
+    from its vocabulary alone (llama.cpp loads no weights for it, and needs no backend).
+
+    Special tokens count with their text: the engine tokenizes prompts with special tokens
+    parsed, so ``<s>`` written in a prompt is that one token. One pass over the vocabulary (a
+    few hundred thousand calls for the largest ones).
+    """
+    try:
+        import llama_cpp  # noqa: PLC0415 - the bindings beside the server, for the vocabulary
+    except ImportError as exc:
+        raise ModelError(f"llama-cpp-python cannot be imported: {exc}") from None
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    loaded = llama_cpp.llama_model_load_from_file(str(model).encode(), params)
+    if not loaded:
+        raise ModelError(f"llama.cpp cannot read the vocabulary of {model.name}")
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(loaded)
+        buffer = ctypes.create_string_buffer(256)
+        longest = 1
+        for token in range(int(llama_cpp.llama_vocab_n_tokens(vocab))):
+            size = llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, True)
+            longest = max(longest, abs(int(size)))  # negative: the piece needs -size bytes
+        return longest
+    finally:
+        llama_cpp.llama_model_free(loaded)
+
+
+def load_llama_server(settings: RuntimeSettings) -> LlamaServerBackend:
+    return LlamaServerBackend(settings)
+
+
+__all__ = [
+    "ENGINE_PREFIX",
+    "EngineProcess",
+    "LlamaServerBackend",
+    "default_threads",
+    "engine_error",
+    "find_server",
+    "load_llama_server",
+]

@@ -1,0 +1,311 @@
+"""Relaying the OpenAI routes to the llama-server engine (appliance.runtime.llamaserver).
+
+What stays ours, in front: the API key, the body limit, the bounded queue with its 429s, the
+model check, refusing unsupported fields by name (appliance.server.schemas), the byte bound on
+prompts, the deadline, the request log and the metrics. What the engine does: templates, tools,
+grammars, reasoning, sampling, batching.
+
+A request takes a run slot (:class:`~appliance.server.admission.Admission`) and a lease on the
+served backend, exactly as an in-process generation does, and gives both back when the engine's
+answer has ended (or the client left). A streamed answer is passed through as the engine's bytes,
+event by event, with no JSON decoding except for the one or two events that carry the finish
+reason and the usage: the engine is always asked for usage (the request log and the metrics need
+the token counts), and the usage event is dropped again when the client did not ask for it. A
+client that goes away closes the stream to the engine, which stops generating (llama-server
+checks its connection at every token).
+
+Errors the engine answers (``{"error": {"code": 400, "type": ...}}``) are answered in our shape:
+a context overflow is ``context_length_exceeded``, a bad request a 400 naming what the engine
+said, anything else a 500 whose details go to the log. An engine that is restarting is a 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Final
+
+import httpx
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from appliance.runtime.llamaserver import LlamaServerBackend, engine_error
+from appliance.server.completion import SSE_HEADERS, unless_disconnected
+from appliance.server.deps import AppState
+from appliance.server.errors import (
+    APIError,
+    BadRequestError,
+    ClientClosedError,
+    ContextLengthExceededError,
+    InternalError,
+    NotReadyError,
+    RequestTimeoutError,
+    api_error_body,
+)
+from appliance.server.openai_shapes import sse
+from appliance.server.record import RequestRecord
+from appliance.server.schemas import SamplingRequest
+
+log = logging.getLogger(__name__)
+
+_FINISH: Final = b'"finish_reason":"'
+_USAGE: Final = b'"usage":{'
+_EMPTY_CHOICES: Final = b'"choices":[]'
+_CHAT_TOKEN: Final = b'"delta":{"content":"'
+_THINK_TOKEN: Final = b'"delta":{"reasoning_content":"'
+_TEXT_TOKEN: Final = b'"text":"'
+# llama-server names its text completions like chat ones; OpenAI's are "cmpl-...".
+_CHAT_ID: Final = b'"id":"chatcmpl-'
+_TEXT_ID: Final = b'"id":"cmpl-'
+
+
+class Release:
+    """Gives the lease and the run slot back, once."""
+
+    def __init__(self, state: AppState, lease: Any) -> None:
+        self._state = state
+        self._lease = lease
+        self._done = False
+
+    def __call__(self) -> None:
+        if not self._done:
+            self._done = True
+            self._lease.release()
+            self._state.engine.admission.release()
+
+
+async def relay(
+    request: Request,
+    state: AppState,
+    record: RequestRecord,
+    body: SamplingRequest,
+    *,
+    path: str,
+    payload: dict[str, Any],
+    prompt: Any,
+    prompt_bytes: int,
+) -> Response:
+    """Answer ``body`` by the engine's ``path``; ``payload`` is what is sent there."""
+    engine = state.engine
+    record.model = body.model
+    record.stream = bool(body.stream)
+    engine.check_model(body.model)
+    if state.settings.log_prompts:
+        record.prompt = prompt
+    deadline = engine.deadline(record)
+    lease = await unless_disconnected(request.receive, engine.admit(record, deadline))
+    release = Release(state, lease)
+    try:
+        backend = serving(lease.backend)
+        backend.check_prompt_bytes(prompt_bytes)
+        if body.stream:
+            payload["stream_options"] = {"include_usage": True}
+        client = backend.async_http()
+        upstream = client.build_request("POST", path, content=json.dumps(payload).encode())
+        record.generation_started = time.monotonic()
+        response = await unless_disconnected(
+            request.receive, within(deadline, client.send(upstream, stream=True))
+        )
+    except BaseException as exc:
+        release()
+        if record.generation_started is not None:  # the engine had the request
+            finish(state, record, _outcome(exc))
+        raise
+    if response.status_code != 200:
+        try:
+            answer = await response.aread()
+        finally:
+            await response.aclose()
+            release()
+        finish(state, record, "failed")
+        raise engine_failure(response.status_code, answer)
+    text_ids = path == "/v1/completions"
+    if body.stream:
+        return StreamingResponse(
+            _pass_through(
+                state,
+                record,
+                response,
+                release,
+                deadline=deadline,
+                usage=body.include_usage,
+                text_ids=text_ids,
+            ),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
+    try:
+        answer = await unless_disconnected(request.receive, within(deadline, response.aread()))
+    except BaseException as exc:
+        finish(state, record, _outcome(exc))
+        raise
+    finally:
+        await response.aclose()
+        release()
+    _account(record, answer)
+    record.first_token_at = record.first_token_at or time.monotonic()
+    finish(state, record, "finished")
+    if text_ids:
+        answer = answer.replace(_CHAT_ID, _TEXT_ID, 1)
+    return Response(answer, media_type="application/json")
+
+
+def _outcome(exc: BaseException) -> str:
+    if isinstance(exc, ClientClosedError | asyncio.CancelledError):
+        return "cancelled"
+    return "timeout" if isinstance(exc, RequestTimeoutError) else "failed"
+
+
+def serving(backend: object) -> LlamaServerBackend:
+    if not isinstance(backend, LlamaServerBackend):
+        raise NotReadyError("the served model changed while this request waited; retry")
+    if not backend.ready:
+        raise NotReadyError("the llama.cpp engine is restarting; retry shortly")
+    return backend
+
+
+async def within(deadline: float, work: Any) -> Any:
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await work
+    except TimeoutError:
+        raise RequestTimeoutError("request timed out") from None
+    except httpx.TransportError as exc:
+        log.error("the llama.cpp engine did not answer: %s", exc)  # noqa: TRY400
+        raise NotReadyError("the llama.cpp engine is restarting; retry shortly") from None
+
+
+async def _pass_through(
+    state: AppState,
+    record: RequestRecord,
+    response: httpx.Response,
+    release: Callable[[], None],
+    *,
+    deadline: float,
+    usage: bool,
+    text_ids: bool,
+) -> AsyncIterator[bytes]:
+    outcome = "cancelled"
+    pending = b""
+    try:
+        async with asyncio.timeout_at(deadline):
+            async for data in response.aiter_raw():
+                pending += data
+                cut = pending.rfind(b"\n\n")
+                if cut < 0:
+                    continue
+                events, pending = pending[: cut + 2], pending[cut + 2 :]
+                out = _inspect(record, events, usage)
+                if out:
+                    yield out.replace(_CHAT_ID, _TEXT_ID) if text_ids else out
+        if pending.strip():
+            out = _inspect(record, pending, usage)
+            yield out.replace(_CHAT_ID, _TEXT_ID) if text_ids else out
+        outcome = "finished" if record.finish_reason is not None else "failed"
+    except TimeoutError:
+        outcome = "timeout"
+        timeout = RequestTimeoutError("request timed out while generating")
+        record.error = timeout.code
+        yield sse(api_error_body(timeout))
+    except httpx.TransportError as exc:
+        outcome = "failed"
+        log.error("the llama.cpp engine broke off a stream: %s", exc)  # noqa: TRY400
+        error = InternalError("the model failed on this request; the server log says why")
+        record.error = error.code
+        yield sse(api_error_body(error))
+    finally:
+        with contextlib.suppress(Exception):
+            await response.aclose()  # a client that left: the engine stops generating
+        release()
+        if outcome == "cancelled":
+            record.error = ClientClosedError.code
+        finish(state, record, outcome)
+
+
+def _inspect(record: RequestRecord, events: bytes, include_usage: bool) -> bytes:
+    """``events`` (whole SSE events) as they go to the client; notes what the record needs."""
+    if record.first_token_at is None:
+        record.first_token_at = time.monotonic()
+    # One event per token (llama-server streams each, text held back for UTF-8 included): the
+    # count until the usage event says it exactly, for a stream the client leaves before.
+    record.completion_tokens += (
+        events.count(_CHAT_TOKEN) + events.count(_THINK_TOKEN) + events.count(_TEXT_TOKEN)
+    )
+    if _FINISH not in events and _USAGE not in events:
+        return events  # the common case: text deltas, passed as they are
+    out = []
+    for raw in events.split(b"\n\n"):
+        event = _note(record, raw, include_usage) if _FINISH in raw or _USAGE in raw else raw
+        if event.strip():
+            out.append(event + b"\n\n")
+    return b"".join(out)
+
+
+def _note(record: RequestRecord, event: bytes, include_usage: bool) -> bytes:
+    head, _, payload = event.partition(b"data: ")
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return event
+    _account_chunk(record, data)
+    if _USAGE not in event or (include_usage and _EMPTY_CHOICES in event):
+        return event
+    if _EMPTY_CHOICES in event:
+        return b""  # the usage event the client did not ask for
+    # Usage on the last chunk of choices (llama-server's text completions): OpenAI sends it as
+    # an event of its own, with no choices, after that chunk.
+    usage = data.pop("usage", None)
+    chunk = head + b"data: " + _dumps(data)
+    if not include_usage:
+        return chunk
+    alone = {k: data[k] for k in ("id", "object", "created", "model") if k in data}
+    return chunk + b"\n\n" + head + b"data: " + _dumps({**alone, "choices": [], "usage": usage})
+
+
+def _dumps(data: Any) -> bytes:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _account_chunk(record: RequestRecord, data: dict[str, Any]) -> None:
+    for choice in data.get("choices") or ():
+        reason = choice.get("finish_reason")
+        if reason:
+            record.finish_reason = str(reason)
+    usage = data.get("usage")
+    if isinstance(usage, dict):
+        record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        record.completion_tokens = int(usage.get("completion_tokens") or 0)
+
+
+def _account(record: RequestRecord, answer: bytes) -> None:
+    try:
+        data = json.loads(answer)
+    except ValueError:
+        return
+    if isinstance(data, dict):
+        _account_chunk(record, data)
+
+
+def finish(state: AppState, record: RequestRecord, outcome: str) -> None:
+    if record.generation_ended is not None:
+        return
+    record.generation_ended = time.monotonic()
+    state.engine.metrics.observe_generation(record, outcome)
+
+
+def engine_failure(status: int, answer: bytes) -> APIError:
+    kind, message = engine_error(status, answer)
+    if kind == "exceed_context_size_error":
+        return ContextLengthExceededError(message)
+    if status == 400 or kind == "invalid_request_error":
+        return BadRequestError(message)
+    if status == 503:
+        return NotReadyError(message or "the llama.cpp engine is busy loading")
+    if status == 501 or kind == "not_supported_error":
+        return BadRequestError(f"not supported by this model: {message}")
+    log.error("the llama.cpp engine answered %d: %s", status, message)
+    return InternalError("the model failed on this request; the server log says why")
