@@ -25,7 +25,16 @@ from appliance.server.errors import install_handlers
 from appliance.server.holder import ModelHolder
 from appliance.server.middleware import BodyLimitMiddleware, KeyMiddleware, RecordMiddleware
 from appliance.server.requestlog import RequestLog
-from appliance.server.routers import chat, completions, docs, embeddings, health, metrics, models
+from appliance.server.routers import (
+    chat,
+    completions,
+    docs,
+    embeddings,
+    health,
+    metrics,
+    models,
+    ollama,
+)
 from appliance.server.settings import ServerSettings
 from signing.errors import InputError
 
@@ -72,7 +81,7 @@ def create_app(settings: ServerSettings, holder: ModelHolder) -> FastAPI:
     )
     app.state.appliance = state
     install_handlers(app)
-    for module in (chat, completions, embeddings, models, health, metrics, docs):
+    for module in (chat, completions, embeddings, ollama, models, health, metrics, docs):
         app.include_router(module.router)
     # Added last = outermost: the record sees every answer, the 401s and 413s included; the key
     # comes before the body limit, so that no body is read for a caller without a key.
