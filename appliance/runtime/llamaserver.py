@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import queue
+import re
 import secrets
 import signal
 import subprocess
@@ -59,6 +60,7 @@ from appliance.runtime.base import (
     SamplingParams,
     encode_prompt,
 )
+from appliance.runtime.memreport import memory_line
 from appliance.slots import SlotPaths
 from signing.errors import InputError, ModelError
 
@@ -71,6 +73,10 @@ BACKOFF_S: Final = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 STABLE_S: Final = 60.0  # a child that ran this long resets the back-off
 TAIL_LINES: Final = 40
 STARTUP_LINES: Final = 2000
+LOG_LAG_S: Final = 5.0  # how long to wait for the log to catch up with /health
+_LOADED: Final = "llama_server: model loaded"  # llama-server's last startup line that matters
+# llama.cpp's log line: "0.00.006.873 E gguf_init_from_file: failed to open ..."
+_LOG_LINE: Final = re.compile(r"^\s*[0-9.]+ (?P<level>[A-Z]) (?P<text>.*)$")
 _PR_SET_PDEATHSIG: Final = 1
 
 
@@ -201,8 +207,10 @@ class EngineProcess:
         self._closing = threading.Event()
         self._ready = threading.Event()
         self._tail: deque[str] = deque(maxlen=TAIL_LINES)
-        # What the child logged until it first served (llama.cpp's buffer sizes: memreport).
+        # What the child logged until it said the model is loaded (llama.cpp's buffer sizes:
+        # memreport); set again by each start.
         self.startup_lines: list[str] = []
+        self._loaded_logged = threading.Event()
         self._supervisor: threading.Thread | None = None
         self.restarts = 0
         self.props: dict[str, Any] = {}
@@ -216,7 +224,7 @@ class EngineProcess:
         threads = s.threads or default_threads()
         command = [
             str(server),
-            "--model", str(s.model_path),
+            "--model", str(s.model_path.absolute()),  # the child runs in its own directory
             "--host", str(self.socket),
             "--api-key", self.secret,
             "--alias", s.model_id,
@@ -232,8 +240,11 @@ class EngineProcess:
             "--no-slots",
             "--reasoning-format", "deepseek",
             "--timeout", "3600",
-            "--log-verbosity", "3",
+            "--log-verbosity", "4",  # llama.cpp's INFO: its buffer sizes (memreport)
             "--no-warmup",
+            # No prompt cache in host memory beyond the slots' own KV cache (llama-server's
+            # default is 8 GiB): the signed memory estimate is what the host was checked for.
+            "--cache-ram", "0",
         ]  # fmt: skip
         if self.embeddings:
             command += ["--embeddings", "--pooling", "mean"]
@@ -279,26 +290,35 @@ class EngineProcess:
         with self._lock:
             self._proc = proc
         self._ready.clear()
+        self.startup_lines = []
+        self._loaded_logged = threading.Event()
         threading.Thread(
             target=self._drain, args=(proc,), name="appliance-engine-log", daemon=True
         ).start()
 
     def _drain(self, proc: subprocess.Popen[bytes]) -> None:
+        startup, loaded = self.startup_lines, self._loaded_logged
         for raw in proc.stdout or ():
             line = raw.decode("utf-8", "replace").rstrip()
             if line:
                 self._tail.append(line)
-                if not self._ready.is_set() and len(self.startup_lines) < STARTUP_LINES:
-                    self.startup_lines.append(line)
+                if not loaded.is_set():
+                    if len(startup) < STARTUP_LINES:
+                        startup.append(line)
+                    if _LOADED in line:
+                        loaded.set()
                 LOG.debug("%s%s", ENGINE_PREFIX, line)
+        loaded.set()  # the child is gone: nothing more to wait for
 
     def last_words(self) -> str:
-        """The child's last meaningful log line (why it failed to start or died)."""
-        for line in reversed(self._tail):
-            low = line.lower()
-            if any(w in low for w in ("error", "failed", "unable", "cannot", "invalid")):
-                return line.strip()
-        return self._tail[-1].strip() if self._tail else "no output"
+        """Why the child failed: its first error line (llama.cpp's first complaint is the cause;
+        later ones repeat it), else its last line, without llama.cpp's time and level prefix."""
+        lines = list(self._tail)
+        for line in lines:
+            match = _LOG_LINE.match(line)
+            if match is not None and match.group("level") == "E":
+                return match.group("text").strip()
+        return _LOG_LINE.sub(r"\g<text>", lines[-1]).strip() if lines else "no output"
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self._ready_timeout_s
@@ -314,6 +334,8 @@ class EngineProcess:
                 try:
                     if http.get("/health").status_code == 200:
                         self.props = http.get("/props").json()
+                        # llama.cpp logs from a thread of its own: the pipe may lag /health.
+                        self._loaded_logged.wait(LOG_LAG_S)
                         self._ready.set()
                         return
                 except (httpx.TransportError, ValueError):
@@ -443,6 +465,7 @@ class LlamaServerBackend:
         ).start()
         self.engine.start()
         try:
+            LOG.info("%s", memory_line(self.engine.startup_lines, settings.memory_estimate))
             served = self.engine.props.get("default_generation_settings", {})
             self._context = int(served.get("n_ctx") or settings.context_size or DEFAULT_CONTEXT)
             self._token_bytes = scan.result()
