@@ -92,7 +92,7 @@ for _ in \$(seq 1 100); do
 done
 curl -sS --fail-with-body http://127.0.0.1:$PORT/v1/chat/completions \\
   -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" \\
-  -d '{"model": "demo", "messages": [{"role": "user", "content": "$QUESTION"}], "max_tokens": 32, "seed": 1}'
+  -d '{"model": "demo", "messages": [{"role": "user", "content": "$QUESTION"}], "max_tokens": 32, "temperature": 0}'
 echo
 CHAT
 "${NONET[@]}" bash "$OUT/chat.sh"
