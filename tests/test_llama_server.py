@@ -21,7 +21,7 @@ import httpx
 import pytest
 from server_helpers import MODEL_ID, requires_llama, write_model
 
-from appliance.runtime.base import RuntimeSettings, SamplingParams
+from appliance.runtime.base import ChatMessage, RuntimeSettings, SamplingParams
 from appliance.runtime.llamaserver import (
     SERVER_NAME,
     EngineProcess,
@@ -222,3 +222,31 @@ def test_a_model_the_engine_cannot_load_is_one_line(tmp_path: Path) -> None:
     message = caught.value.diagnostics()
     assert "\n" not in message
     assert len(message) < 1200
+
+
+def test_a_gguf_without_a_template_gets_its_family_format() -> None:
+    """Gemma 3 270M's GGUF carries no chat template: llama-server's ChatML default would make
+    the model read turns it was never trained on. Gemma's own format is used instead."""
+    from realmodel import gemma_gguf  # noqa: PLC0415 - skips when the chunks are missing
+
+    backend = LlamaServerBackend(
+        RuntimeSettings(
+            backend="llama.cpp",
+            model_path=gemma_gguf(),
+            model_id="gemma",
+            context_size=512,
+            gpu_layers=0,
+            threads=1,
+            parallel=1,
+        )
+    )
+    try:
+        prompt = backend.format_chat(
+            [ChatMessage("system", "Be brief."), ChatMessage("user", "Capital of France?")]
+        )
+    finally:
+        backend.close()
+    assert prompt.endswith(
+        "<start_of_turn>user\nBe brief.\n\nCapital of France?<end_of_turn>\n<start_of_turn>model\n"
+    ), prompt
+    assert "<|im_start|>" not in prompt

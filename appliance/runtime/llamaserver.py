@@ -60,6 +60,7 @@ from appliance.runtime.base import (
     SamplingParams,
     encode_prompt,
 )
+from appliance.runtime.chattemplates import fallback_template
 from appliance.runtime.memreport import memory_line
 from appliance.slots import SlotPaths
 from signing.errors import InputError, ModelError
@@ -193,10 +194,12 @@ class EngineProcess:
         settings: RuntimeSettings,
         *,
         embeddings: bool = False,
+        chat_template: str | None = None,
         ready_timeout_s: float = READY_TIMEOUT_S,
     ) -> None:
         self.settings = settings
         self.embeddings = embeddings
+        self.chat_template = chat_template  # Jinja, for a GGUF without one (chattemplates)
         self.secret = secrets.token_urlsafe(32)
         self._ready_timeout_s = ready_timeout_s
         self._binary = find_server()
@@ -248,6 +251,10 @@ class EngineProcess:
         ]  # fmt: skip
         if self.embeddings:
             command += ["--embeddings", "--pooling", "mean"]
+        if self.chat_template is not None:
+            template = self._home / "chat-template.jinja"
+            template.write_text(self.chat_template, encoding="utf-8")
+            command += ["--chat-template-file", str(template)]
         return command
 
     def start(self) -> None:
@@ -457,12 +464,20 @@ class LlamaServerBackend:
 
     def __init__(self, settings: RuntimeSettings) -> None:
         self.settings = settings
-        self.engine = EngineProcess(settings)
+        vocabulary = _Vocabulary(settings.model_path)
+        template = None if vocabulary.has_template else fallback_template(vocabulary.architecture)
+        if not vocabulary.has_template:
+            LOG.warning(
+                "%s has no chat template: %s",
+                settings.model_path.name,
+                f"{vocabulary.architecture}'s format is used"
+                if template
+                else "llama-server's default (ChatML) is used, which this model may not know",
+            )
+        self.engine = EngineProcess(settings, chat_template=template)
         # The vocabulary scan (a second for the largest) runs while the engine loads.
         scan: Future[int] = Future()
-        threading.Thread(
-            target=_settle, args=(scan, _longest_token_bytes, settings.model_path), daemon=True
-        ).start()
+        threading.Thread(target=_settle, args=(scan, _scan, vocabulary), daemon=True).start()
         self.engine.start()
         try:
             LOG.info("%s", memory_line(self.engine.startup_lines, settings.memory_estimate))
@@ -658,34 +673,54 @@ def _raise_for_engine(response: httpx.Response) -> None:
     raise ModelError(f"{SERVER_NAME} answered {response.status_code}: {message}")
 
 
-def _longest_token_bytes(model: Path) -> int:
-    """The most bytes of text one token of the model stands for (base.encode_prompt's bound),
-    from its vocabulary alone (llama.cpp loads no weights for it, and needs no backend).
+class _Vocabulary:
+    """A model's vocabulary and metadata, loaded alone (llama.cpp reads no weights for it and
+    needs no backend); :meth:`close` frees it."""
 
-    Special tokens count with their text: the engine tokenizes prompts with special tokens
-    parsed, so ``<s>`` written in a prompt is that one token. One pass over the vocabulary (a
-    few hundred thousand calls for the largest ones).
-    """
-    try:
-        import llama_cpp  # noqa: PLC0415 - the bindings beside the server, for the vocabulary
-    except ImportError as exc:
-        raise ModelError(f"llama-cpp-python cannot be imported: {exc}") from None
-    llama_cpp.llama_backend_init()
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    loaded = llama_cpp.llama_model_load_from_file(str(model).encode(), params)
-    if not loaded:
-        raise ModelError(f"llama.cpp cannot read the vocabulary of {model.name}")
-    try:
-        vocab = llama_cpp.llama_model_get_vocab(loaded)
+    def __init__(self, model: Path) -> None:
+        try:
+            import llama_cpp  # noqa: PLC0415 - the bindings beside the server
+        except ImportError as exc:
+            raise ModelError(f"llama-cpp-python cannot be imported: {exc}") from None
+        self._lib = llama_cpp
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        self._model = llama_cpp.llama_model_load_from_file(str(model).encode(), params)
+        if not self._model:
+            raise ModelError(f"llama.cpp cannot read the vocabulary of {model.name}")
+        self.architecture = self._meta("general.architecture") or ""
+        self.has_template = self._meta("tokenizer.chat_template") is not None
+
+    def _meta(self, key: str) -> str | None:
+        buffer = ctypes.create_string_buffer(256)
+        size = int(self._lib.llama_model_meta_val_str(self._model, key.encode(), buffer, 256))
+        return None if size < 0 else buffer.value.decode("utf-8", "replace")
+
+    def longest_token_bytes(self) -> int:
+        """The most bytes of text one token stands for (base.encode_prompt's bound). Special
+        tokens count with their text: the engine parses them in prompts, so ``<s>`` written in
+        a prompt is that one token. One pass (a few hundred thousand calls for the largest)."""
+        lib = self._lib
+        vocab = lib.llama_model_get_vocab(self._model)
         buffer = ctypes.create_string_buffer(256)
         longest = 1
-        for token in range(int(llama_cpp.llama_vocab_n_tokens(vocab))):
-            size = llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, True)
+        for token in range(int(lib.llama_vocab_n_tokens(vocab))):
+            size = lib.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, True)
             longest = max(longest, abs(int(size)))  # negative: the piece needs -size bytes
         return longest
+
+    def close(self) -> None:
+        if self._model:
+            self._lib.llama_model_free(self._model)
+            self._model = None
+
+
+def _scan(vocabulary: _Vocabulary) -> int:
+    try:
+        return vocabulary.longest_token_bytes()
     finally:
-        llama_cpp.llama_model_free(loaded)
+        vocabulary.close()
 
 
 def load_llama_server(settings: RuntimeSettings) -> LlamaServerBackend:
