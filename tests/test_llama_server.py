@@ -227,7 +227,7 @@ def test_a_model_the_engine_cannot_load_is_one_line(tmp_path: Path) -> None:
 def test_a_gguf_without_a_template_gets_its_family_format() -> None:
     """Gemma 3 270M's GGUF carries no chat template: llama-server's ChatML default would make
     the model read turns it was never trained on. Gemma's own format is used instead."""
-    from realmodel import gemma_gguf  # noqa: PLC0415 - skips when the chunks are missing
+    from realmodel import gemma_gguf
 
     backend = LlamaServerBackend(
         RuntimeSettings(
