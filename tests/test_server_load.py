@@ -21,6 +21,7 @@ from server_helpers import (
     write_model,
 )
 
+from appliance.runtime.llamaserver import LlamaServerBackend
 from appliance.server.holder import ModelHolder
 
 pytestmark = requires_llama
@@ -139,6 +140,18 @@ def test_closing_a_stream_stops_generation(server: LiveServer) -> None:
     assert 0 < entry["completion_tokens"] < LONG
     assert entry["finish_reason"] is None
     assert entry["error"] == "client_closed_request"
+    # ... and the engine behind the relay stopped too: it generates nothing for anyone.
+    wait_for(lambda: engine_busy(server) == 0, timeout_s=2.0, what="the engine to stop")
+
+
+def engine_busy(server: LiveServer) -> float:
+    """Requests llama-server itself is working on (its own metrics)."""
+    backend = server.holder.get()
+    assert isinstance(backend, LlamaServerBackend)
+    with backend.engine.client() as http:
+        text = http.get("/metrics").text
+    line = next(ln for ln in text.splitlines() if ln.startswith("llamacpp:requests_processing"))
+    return float(line.split()[-1])
 
 
 def test_a_client_that_gives_up_on_a_whole_answer_stops_generation(server: LiveServer) -> None:
