@@ -12,7 +12,8 @@ event by event, with no JSON decoding except for the one or two events that carr
 reason and the usage: the engine is always asked for usage (the request log and the metrics need
 the token counts), and the usage event is dropped again when the client did not ask for it. A
 client that goes away closes the stream to the engine, which stops generating (llama-server
-checks its connection at every token).
+checks its connection at every token). The Ollama routes (appliance.server.routers.ollama) open
+their engine requests the same way (:func:`open_engine_request`) and shape the answer themselves.
 
 Errors the engine answers (``{"error": {"code": 400, "type": ...}}``) are answered in our shape:
 a context overflow is ``context_length_exceeded``, a bad request a 400 naming what the engine
@@ -27,6 +28,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, Final
 
 import httpx
@@ -78,31 +80,67 @@ class Release:
             self._state.engine.admission.release()
 
 
-async def relay(
+@dataclass(frozen=True)
+class EngineAnswer:
+    """The engine's 200 answer to ``record``, its body not read yet. Whoever reads the body
+    ends the request by :meth:`read` or :meth:`end`: the engine's connection is closed, the run
+    slot and the lease are given back, the generation is counted in the metrics."""
+
+    state: AppState
+    record: RequestRecord
+    response: httpx.Response
+    release: Release
+    deadline: float
+
+    async def read(self, request: Request) -> bytes:
+        """The whole body (before the deadline, unless the client leaves); a generation that
+        fails here is counted, one that does not is the caller's to :func:`finish`."""
+        try:
+            return await unless_disconnected(
+                request.receive, within(self.deadline, self.response.aread())
+            )
+        except BaseException as exc:
+            finish(self.state, self.record, _outcome(exc))
+            raise
+        finally:
+            await self.response.aclose()
+            self.release()
+
+    async def end(self, outcome: str) -> None:
+        """End a stream whose ``outcome`` is known ("cancelled": the client left)."""
+        with contextlib.suppress(Exception):
+            await self.response.aclose()  # a client that left: the engine stops generating
+        self.release()
+        if outcome == "cancelled":
+            self.record.error = ClientClosedError.code
+        finish(self.state, self.record, outcome)
+
+
+async def open_engine_request(
     request: Request,
     state: AppState,
     record: RequestRecord,
-    body: SamplingRequest,
     *,
     path: str,
     payload: dict[str, Any],
-    prompt: Any,
     prompt_bytes: int,
-) -> Response:
-    """Answer ``body`` by the engine's ``path``; ``payload`` is what is sent there."""
+    stream: bool,
+    check: Callable[[LlamaServerBackend], None] | None = None,
+) -> EngineAnswer:
+    """Admit ``record`` (a run slot and a lease, before its deadline) and send ``payload`` to the
+    engine's ``path``; ``check``: what else the leased backend must allow, before the prompt's
+    byte bound. Anything but a 200 gives the slot and the lease back and is raised as an
+    :class:`APIError`, and counted in the metrics when the engine had the request."""
     engine = state.engine
-    record.model = body.model
-    record.stream = bool(body.stream)
-    engine.check_model(body.model)
-    if state.settings.log_prompts:
-        record.prompt = prompt
     deadline = engine.deadline(record)
     lease = await unless_disconnected(request.receive, engine.admit(record, deadline))
     release = Release(state, lease)
     try:
         backend = serving(lease.backend)
+        if check is not None:
+            check(backend)
         backend.check_prompt_bytes(prompt_bytes)
-        if body.stream:
+        if stream:
             payload["stream_options"] = {"include_usage": True}
         client = backend.async_http()
         upstream = client.build_request("POST", path, content=json.dumps(payload).encode())
@@ -123,29 +161,43 @@ async def relay(
             release()
         finish(state, record, "failed")
         raise engine_failure(response.status_code, answer)
+    return EngineAnswer(state, record, response, release, deadline)
+
+
+async def relay(
+    request: Request,
+    state: AppState,
+    record: RequestRecord,
+    body: SamplingRequest,
+    *,
+    path: str,
+    payload: dict[str, Any],
+    prompt: Any,
+    prompt_bytes: int,
+) -> Response:
+    """Answer ``body`` by the engine's ``path``; ``payload`` is what is sent there."""
+    record.model = body.model
+    record.stream = bool(body.stream)
+    state.engine.check_model(body.model)
+    if state.settings.log_prompts:
+        record.prompt = prompt
+    upstream = await open_engine_request(
+        request,
+        state,
+        record,
+        path=path,
+        payload=payload,
+        prompt_bytes=prompt_bytes,
+        stream=bool(body.stream),
+    )
     text_ids = path == "/v1/completions"
     if body.stream:
         return StreamingResponse(
-            _pass_through(
-                state,
-                record,
-                response,
-                release,
-                deadline=deadline,
-                usage=body.include_usage,
-                text_ids=text_ids,
-            ),
+            _pass_through(upstream, usage=body.include_usage, text_ids=text_ids),
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
-    try:
-        answer = await unless_disconnected(request.receive, within(deadline, response.aread()))
-    except BaseException as exc:
-        finish(state, record, _outcome(exc))
-        raise
-    finally:
-        await response.aclose()
-        release()
+    answer = await upstream.read(request)
     _account(record, answer)
     record.first_token_at = record.first_token_at or time.monotonic()
     finish(state, record, "finished")
@@ -180,20 +232,14 @@ async def within(deadline: float, work: Any) -> Any:
 
 
 async def _pass_through(
-    state: AppState,
-    record: RequestRecord,
-    response: httpx.Response,
-    release: Callable[[], None],
-    *,
-    deadline: float,
-    usage: bool,
-    text_ids: bool,
+    upstream: EngineAnswer, *, usage: bool, text_ids: bool
 ) -> AsyncIterator[bytes]:
+    record = upstream.record
     outcome = "cancelled"
     pending = b""
     try:
-        async with asyncio.timeout_at(deadline):
-            async for data in response.aiter_raw():
+        async with asyncio.timeout_at(upstream.deadline):
+            async for data in upstream.response.aiter_raw():
                 pending += data
                 cut = pending.rfind(b"\n\n")
                 if cut < 0:
@@ -218,12 +264,7 @@ async def _pass_through(
         record.error = error.code
         yield sse(api_error_body(error))
     finally:
-        with contextlib.suppress(Exception):
-            await response.aclose()  # a client that left: the engine stops generating
-        release()
-        if outcome == "cancelled":
-            record.error = ClientClosedError.code
-        finish(state, record, outcome)
+        await upstream.end(outcome)
 
 
 def _inspect(record: RequestRecord, events: bytes, include_usage: bool) -> bytes:

@@ -23,12 +23,13 @@ MAX_STOP = 16
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
-class _Request(BaseModel):
-    # Unknown fields are kept (clients send many optional ones) and checked by reject_unsupported.
-    model_config = ConfigDict(extra="allow")
+class RequestBody(BaseModel):
+    """A JSON request body, searched for a lone surrogate before its fields are validated
+    (module docstring): the base of the OpenAI routes' bodies (here) and of the Ollama routes'
+    (appliance.server.ollama_schemas)."""
 
-    # (field, the one value of it that is fine to send, e.g. logprobs=false)
-    UNSUPPORTED: ClassVar[tuple[tuple[str, Any], ...]] = ()
+    # Unknown fields are kept (clients send many optional ones); subclasses refuse them by name.
+    model_config = ConfigDict(extra="allow")
 
     @model_validator(mode="before")
     @classmethod
@@ -42,6 +43,11 @@ class _Request(BaseModel):
                 param=where or None,
             )
         return data
+
+
+class _Request(RequestBody):
+    # (field, the one value of it that is fine to send, e.g. logprobs=false)
+    UNSUPPORTED: ClassVar[tuple[tuple[str, Any], ...]] = ()
 
     def reject_unsupported(self) -> None:
         given = {**(self.model_extra or {}), **self.__dict__}
