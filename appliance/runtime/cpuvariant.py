@@ -236,6 +236,19 @@ def rank(runtime: Runtime, *, launcher: Sequence[str] = ()) -> list[str]:
     return sorted(supported, key=lambda n: (-scores[n], n))
 
 
+def gpu_backend_warnings(runtime: Runtime, *, timeout_s: float = SCORE_TIMEOUT_S) -> list[str]:
+    """Why the runtime's GPU backends will not serve on this host, one line each (none when
+    they will): the libraries are loaded in a child, the way the engine loads them, so that a
+    CUDA build on a host without the driver or the CUDA libraries says so before it serves on
+    the CPU (the preflight let it through for a recipe that allows CPU fallback)."""
+    if not runtime.others:
+        return []
+    done = _child(runtime, ["gpu", *map(str, runtime.others)], launcher=(), timeout_s=timeout_s)
+    if done is None:
+        return [f"{BACKEND_PREFIX}check timed out after {timeout_s:.0f} s"]
+    return [line for line in done.stdout.splitlines() if line.startswith(BACKEND_PREFIX)]
+
+
 def load_backends(paths: Sequence[Path]) -> None:
     """``ggml_backend_load`` each library into the registry of the libggml the imported
     bindings use (module docstring, step 5). A CPU variant that does not load is a ModelError;
@@ -420,8 +433,17 @@ def child_main(argv: Sequence[str]) -> int:
             )
             llama.create_completion(PROBE_PROMPT, max_tokens=PROBE_TOKENS, temperature=0.0)
             return 0
+        case ["gpu", *libraries]:
+            import llama_cpp  # noqa: PLC0415
+
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            LOG.addHandler(handler)
+            LOG.propagate = False
+            load_backends([Path(library) for library in libraries])
+            return 0
         case _:
-            sys.stderr.write("usage: score LIB... | try LIB MODEL\n")
+            sys.stderr.write("usage: score LIB... | try LIB MODEL | gpu LIB...\n")
             return 2
 
 

@@ -276,6 +276,8 @@ class EngineProcess:
         memory = None if self.settings.slot is None else SlotPaths(self.settings.slot).cpu_variant
         choice = cpuvariant.choose(runtime, model_path=self.settings.model_path, memory=memory)
         LOG.info("%s", choice.describe())
+        for warning in cpuvariant.gpu_backend_warnings(runtime):  # the CPU serves instead
+            LOG.warning("%s", warning)
         return choice.path
 
     def _spawn(self) -> None:
