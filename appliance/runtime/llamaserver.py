@@ -235,7 +235,7 @@ class EngineProcess:
             "--parallel", str(parallel),
             "--threads", str(threads),
             "--threads-batch", str(threads),
-            "--threads-http", str(max(2, parallel)),
+            "--threads-http", str(parallel + 4),  # the generations, and room for the rest
             "--n-gpu-layers", str(-1 if s.gpu_layers is None else s.gpu_layers),
             "--jinja",
             "--no-webui",
