@@ -100,12 +100,15 @@ def trust_update(app: Appliance, root_json: tuple[Path, ...], assume_time: str |
 
 
 @cli.command()
-@click.argument("bundle")
+@click.argument("bundle", nargs=-1, required=True)
 @click.option("--assume-time", help=_TIME_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_appliance
-def verify(app: Appliance, bundle: str, assume_time: str | None, as_json: bool) -> None:
-    """Check BUNDLE's signatures and every byte, writing nothing (BUNDLE may be '-')."""
+def verify(app: Appliance, bundle: tuple[str, ...], assume_time: str | None, as_json: bool) -> None:
+    """Check BUNDLE's signatures and every byte, writing nothing.
+
+    BUNDLE is a bundle file, '-' (standard input), or split parts: a directory, or part files
+    (and their .parts.json index), possibly on several mounts."""
     with ByteProgress() as progress:
         verified = app.verify(bundle, assume_time=parse_cli_time(assume_time), progress=progress)
     m = verified.manifest
@@ -128,7 +131,7 @@ def verify(app: Appliance, bundle: str, assume_time: str | None, as_json: bool) 
 
 
 @cli.command()
-@click.argument("bundle")
+@click.argument("bundle", nargs=-1, required=True)
 @click.option(
     "--allow-downgrade",
     is_flag=True,
@@ -164,7 +167,7 @@ def verify(app: Appliance, bundle: str, assume_time: str | None, as_json: bool) 
 @pass_appliance
 def install(
     app: Appliance,
-    bundle: str,
+    bundle: tuple[str, ...],
     allow_downgrade: bool,
     keep: int,
     assume_time: str | None,
@@ -173,7 +176,11 @@ def install(
     skip_preflight: bool,
     as_json: bool,
 ) -> None:
-    """Verify BUNDLE, install it into a new slot, check its model runs, then switch to it."""
+    """Verify BUNDLE, install it into a new slot, check its model runs, then switch to it.
+
+    BUNDLE is a bundle file, '-' (standard input), or split parts: a directory, or part files
+    (and their .parts.json index), possibly on several mounts; a bad part is named before
+    anything is written, or rebuilt from parity."""
     options = InstallOptions(
         allow_downgrade=allow_downgrade,
         keep=keep,

@@ -74,7 +74,7 @@ def run_cli(group: click.Group, prog_name: str) -> NoReturn:
     # (appliance.server) keeps its configuration.
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("warning: %(message)s"))
-    for name in ("appliance.slots", "appliance.runtime.loader"):
+    for name in ("appliance.slots", "appliance.parts", "appliance.runtime.loader"):
         logger = logging.getLogger(name)
         logger.addHandler(handler)
         logger.setLevel(logging.WARNING)

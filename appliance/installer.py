@@ -14,7 +14,7 @@ import hashlib
 import io
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -29,6 +29,7 @@ from appliance.hostfacts import check_host
 from appliance.limits import HOST_LIMITS
 from appliance.lock import HostLock
 from appliance.outcome import OK, audited
+from appliance.parts import PartStream, SplitBundle, find_split, is_split
 from appliance.preflight import require_fit
 from appliance.slots import HostPaths, SlotInfo, SlotPaths, SlotStore, slot_id
 from appliance.trust import TrustStore
@@ -100,7 +101,7 @@ class Appliance:
 
     def verify(
         self,
-        source: str,
+        source: str | Sequence[str],
         *,
         assume_time: datetime | None = None,
         progress: Progress | None = None,
@@ -112,10 +113,10 @@ class Appliance:
             if damage is not None:
                 raise damage
             root = self.trust.load().root
-            with _open_source(source) as stream:
+            with _open_stream(source, record=record, progress=progress) as (stream, split):
                 tar = open_bundle(stream, self.limits)
                 _, verified = _verified_head(
-                    tar, self.limits, root=root, clock=clock, record=record
+                    tar, self.limits, root=root, clock=clock, record=record, split=split
                 )
                 _start(progress, verified)
                 with staging.verify_sink(stream, self.limits) as sink:
@@ -131,7 +132,11 @@ class Appliance:
     # -- install --------------------------------------------------------------------------
 
     def install(
-        self, source: str, options: InstallOptions, *, progress: Progress | None = None
+        self,
+        source: str | Sequence[str],
+        options: InstallOptions,
+        *,
+        progress: Progress | None = None,
     ) -> SlotInfo:
         self.paths.ensure()
         with self.locked("install", override=options.assume_time):
@@ -189,7 +194,7 @@ class Appliance:
 
     def _install_locked(
         self,
-        source: str,
+        source: str | Sequence[str],
         *,
         options: InstallOptions,
         state: HostState,
@@ -200,10 +205,15 @@ class Appliance:
     ) -> SlotInfo:
         # I2: the trusted root.
         root = self.trust.load().root
-        with _open_source(source) as stream:
+        # From split parts: P1 to P3 (docs/bundle-format.md, section 10) name a missing or bad
+        # part, or plan its rebuild from parity, before anything is read as a bundle.
+        with _open_stream(source, record=record, progress=progress) as (stream, split):
             tar = open_bundle(stream, self.limits)
-            # I3: read, verify and judge the head before any payload byte is read.
-            head, verified = _verified_head(tar, self.limits, root=root, clock=clock, record=record)
+            # I3: read, verify and judge the head before any payload byte is read (and P4:
+            # the part index must name this head).
+            head, verified = _verified_head(
+                tar, self.limits, root=root, clock=clock, record=record, split=split
+            )
             manifest = verified.manifest
             try:
                 check_version(
@@ -469,15 +479,24 @@ class Appliance:
 
 
 def _verified_head(
-    tar: TarReader, limits: Limits, *, root: Any, clock: HostTime, record: dict[str, Any]
+    tar: TarReader,
+    limits: Limits,
+    *,
+    root: Any,
+    clock: HostTime,
+    record: dict[str, Any],
+    split: SplitBundle | None = None,
 ) -> tuple[BundleHead, VerifiedManifest]:
     """Steps V1 to V5 / I3, shared by verify and install: read the head, verify it against the
     trusted root at the host's time, refuse a bundle dated far ahead of that time, and say in
-    the audit record what was looked at."""
+    the audit record what was looked at. From parts, P4: the index must name this head."""
     head = read_head(tar, limits)
     record["manifest_sha256"] = hashlib.sha256(head.manifest_bytes).hexdigest()
     verified = verify_head(head, root=root, now=clock.now)
     record.update(_bundle_fields(verified))
+    if split is not None:
+        manifest = verified.manifest
+        split.check_binding(verified.manifest_sha256, name=manifest.name, version=manifest.version)
     check_signing_time(verified.manifest.created, clock)
     return head, verified
 
@@ -488,6 +507,28 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc)
+
+
+@contextmanager
+def _open_stream(
+    source: str | Sequence[str], *, record: dict[str, Any], progress: Progress | None
+) -> Iterator[tuple[io.FileIO | PartStream, SplitBundle | None]]:
+    """The bundle's stream: one file or a pipe, or its split parts after P1 to P3
+    (appliance.parts), which the audit record then lists."""
+    sources = [source] if isinstance(source, str) else list(source)
+    if not sources:
+        raise InputError("no bundle given")
+    if not is_split(sources):
+        with _open_source(sources[0]) as stream:
+            yield stream, None
+        return
+    split = find_split(sources)
+    record.update(split.audit_fields())
+    rebuilt = split.check(progress=progress)
+    if rebuilt:
+        record["rebuilt_parts"] = [p.entry.file for p in rebuilt]
+    with split.open(rebuilt) as parts:
+        yield parts, split
 
 
 def _open_source(source: str) -> io.FileIO:

@@ -33,6 +33,15 @@ class HostLimits:
     """``verify`` of a bundle file: the piece a second thread reads ahead while the first
     hashes (appliance.staging, ``ReadAheadSink``)."""
 
+    parity_memory_bytes: int = 64 << 20
+    """Rebuilding a bad part from parity holds one stripe of every part twice (what was read
+    and what was decoded): the part index's stripe size times the parts must fit in this
+    (appliance.parts). The index is not signed, so its stripe size cannot choose the memory."""
+
+    part_hash_threads: int = 16
+    """Install or verify from split parts: how many parts are hashed at once before anything
+    is written (appliance.parts), each with a 1 MiB buffer; at most one per core."""
+
     max_root_bytes: int = 1 << 20
     """Trusted root metadata, read from the trust store or given to ``trust init/update``: a
     root of many keys fits in a few KiB; a megabyte is a wrong file."""

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol, runtime_checkable
 
 from appliance.fsutil import fsync_dir
 from appliance.limits import HOST_LIMITS
@@ -143,8 +143,40 @@ _SENDFILE: Final = "sendfile"
 _READ_WRITE: Final = "read/write"
 
 
+@runtime_checkable
+class CopySource(Protocol):
+    """Where :class:`CopyingSink` takes a bundle's bytes from: one bundle file
+    (:class:`FileSource`), or its split parts (appliance.parts.PartStream)."""
+
+    def copy_range(self, count: int) -> tuple[int, int] | None:
+        """A descriptor whose current position holds the next bytes, and how many of at most
+        ``count`` may be copied from it; None where they must be read with ``readinto``."""
+
+    def copied(self, count: int) -> None:
+        """The kernel copied ``count`` bytes from that descriptor (its position moved)."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+class FileSource:
+    """One bundle file: the kernel copies from its descriptor, at the shared position."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def copy_range(self, count: int) -> tuple[int, int] | None:
+        return self._fd, count
+
+    def copied(self, count: int) -> None:
+        pass
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        return os.readv(self._fd, [buffer])
+
+
 class CopyingSink:
-    """Step I5 for a bundle that is a regular file: the kernel copies the data, we hash it.
+    """Step I5 for a bundle that is a regular file, or split parts: the kernel copies the
+    data (within one part at a time: :class:`CopySource`), we hash it.
 
     For each window (``Limits.copy_window_bytes``) of a member, ``os.copy_file_range`` copies
     the bytes from the bundle file's current position into the staged file inside the kernel
@@ -167,9 +199,10 @@ class CopyingSink:
     be removed.
     """
 
-    def __init__(self, payload_dir: Path, source_fd: int, limits: Limits) -> None:
+    def __init__(self, payload_dir: Path, source: CopySource | int, limits: Limits) -> None:
         self._dir = payload_dir
-        self._src = source_fd
+        # A bare descriptor is one bundle file.
+        self._source = FileSource(source) if isinstance(source, int) else source
         self._window = max(limits.copy_window_bytes, limits.chunk_bytes)
         self._buffer = bytearray(limits.chunk_bytes)
         self._view = memoryview(self._buffer)
@@ -264,23 +297,28 @@ class CopyingSink:
     def _move(self, count: int) -> int:
         """Copy up to ``count`` bytes from the bundle's position to the staged file's."""
         while self._mode != _READ_WRITE:
+            target = self._source.copy_range(count)
+            if target is None:
+                break  # these bytes cannot come from a descriptor (a part rebuilt from parity)
+            src, most = target
             try:
                 if self._mode == _COPY_FILE_RANGE:
-                    moved = os.copy_file_range(self._src, self._fd, count)
+                    moved = os.copy_file_range(src, self._fd, most)
                 else:
-                    moved = os.sendfile(self._fd, self._src, None, count)
+                    moved = os.sendfile(self._fd, src, None, most)
             except OSError as exc:
                 if exc.errno not in _NO_KERNEL_COPY:
                     raise
                 self._mode = _SENDFILE if self._mode == _COPY_FILE_RANGE else _READ_WRITE
                 continue
             if moved > 0:
+                self._source.copied(moved)
                 return moved
             # 0 is the end of the bundle, or a file system that copies nothing (some virtual
             # and network ones): a read tells the two apart, and the copy goes on by reading.
             self._mode = _READ_WRITE
         view = self._move_view[: min(count, len(self._move_view))]
-        got = os.readv(self._src, [view])
+        got = self._source.readinto(view) or 0
         _write_all(self._fd, view[:got])
         return got
 
@@ -361,20 +399,32 @@ READ_AHEAD_BYTES: Final = HOST_LIMITS.read_ahead_bytes
 
 
 @contextmanager
-def verify_sink(stream: io.FileIO, limits: Limits) -> Iterator[DiscardSink | ReadAheadSink]:
-    """Read-ahead for a bundle file; the plain one-thread pass for a pipe."""
-    if limits.copy_window_bytes > 0 and stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+def verify_sink(
+    stream: io.FileIO | CopySource, limits: Limits
+) -> Iterator[DiscardSink | ReadAheadSink]:
+    """Read-ahead for a bundle file or its parts; the plain one-thread pass for a pipe."""
+    if limits.copy_window_bytes > 0 and _is_file(stream):
         with ReadAheadSink(READ_AHEAD_BYTES) as sink:
             yield sink
     else:
         yield DiscardSink(limits.chunk_bytes)
 
 
-def payload_sink(payload_dir: Path, stream: io.FileIO, limits: Limits) -> StagingSink | CopyingSink:
-    """The kernel copy for a bundle that is a regular file; the writer thread for a pipe."""
-    if limits.copy_window_bytes > 0 and stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
-        return CopyingSink(payload_dir, stream.fileno(), limits)
+def payload_sink(
+    payload_dir: Path, stream: io.FileIO | CopySource, limits: Limits
+) -> StagingSink | CopyingSink:
+    """The kernel copy for a bundle that is a regular file, or for its parts (within each
+    part); the writer thread for a pipe."""
+    if limits.copy_window_bytes > 0 and _is_file(stream):
+        source = stream if isinstance(stream, CopySource) else FileSource(stream.fileno())
+        return CopyingSink(payload_dir, source, limits)
     return StagingSink(payload_dir, limits)
+
+
+def _is_file(stream: io.FileIO | CopySource) -> bool:
+    if isinstance(stream, io.FileIO):
+        return stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
+    return True  # split parts are files (appliance.parts)
 
 
 def _read_exactly_at(fd: int, view: memoryview, offset: int) -> None:

@@ -355,6 +355,46 @@ def inspect(bundle: Path, root_json: Path | None, as_json: bool) -> None:
         click.echo(f"  {e.sha256[:12]}  {e.size:>12}  {e.kind:<7} {e.path}")
 
 
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--size",
+    "size_text",
+    default="4095M",
+    show_default=True,
+    help="Part size, binary units (4095M fits FAT32; 4G does not: FAT32 stops 1 byte short).",
+)
+@click.option(
+    "--parity",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Parity parts (zfec): any this many lost or corrupt parts can be rebuilt.",
+)
+@click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False), required=True)
+def split(bundle: Path, size_text: str, parity: int, output: Path) -> None:
+    """Split BUNDLE into parts for FAT32 sticks, DVDs or a data diode, with a part index.
+
+    Split after the last co-signature: signing changes the first part. The host installs
+    straight from the parts ('appliance install DIR'), never joining them on disk.
+    """
+    from builder.split import FAT32_LIMIT, parse_size, split_bundle  # noqa: PLC0415
+
+    part_size = parse_size(size_text)
+    with ByteProgress() as progress:
+        progress.start(bundle.stat().st_size if bundle.is_file() else 0, f"splitting {bundle.name}")
+        index = split_bundle(
+            bundle, output, part_size=part_size, parity=parity, progress=progress.advance
+        )
+    if index.parts[0].size > FAT32_LIMIT:
+        _say("note: parts of 4 GiB or more do not fit on FAT32; use --size 4095M for FAT32 media")
+    click.echo(
+        f"wrote {len(index.parts)} part(s) of at most {index.part_size} bytes"
+        + (f" and {index.parity_count} parity part(s)" if index.parity_count else "")
+        + f" and {index.index_file} to {output}: {index.name} {index.version}"
+    )
+
+
 @cli.command("tiny-model")
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True)

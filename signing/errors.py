@@ -73,6 +73,12 @@ class PayloadError(VerificationError):
     """A bundle's payload does not match its signed manifest."""
 
 
+class PartError(VerificationError):
+    """A split bundle's part is missing, corrupt, swapped or from another split, or its part
+    index does not describe it (docs/adr/0015-split-bundles.md). The message names the part
+    (its number, count and file) and says to re-copy it from the source medium."""
+
+
 class PolicyError(AirgapError):
     """Proven-good input that host policy refuses (downgrade, replay)."""
 
