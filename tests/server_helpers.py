@@ -47,22 +47,40 @@ def write_model(path: Path, *, context: int = CONTEXT) -> Path:
     return path
 
 
+def llama_settings(
+    path: Path, *, model_id: str = MODEL_ID, parallel: int = 2, context: int = CONTEXT
+) -> RuntimeSettings:
+    """A llama.cpp model's settings for the tests: CPU only, one thread (2 shared cores)."""
+    return RuntimeSettings(
+        backend="llama.cpp",
+        model_path=path,
+        model_id=model_id,
+        context_size=context,
+        gpu_layers=0,
+        threads=1,
+        parallel=parallel,
+    )
+
+
 def load_model(
     path: Path, *, model_id: str = MODEL_ID, parallel: int = 2, context: int = CONTEXT
 ) -> Backend:
     from appliance.runtime.loader import load_backend
 
-    return load_backend(
-        RuntimeSettings(
-            backend="llama.cpp",
-            model_path=path,
-            model_id=model_id,
-            context_size=context,
-            gpu_layers=0,
-            threads=1,
-            parallel=parallel,
-        )
-    )
+    return load_backend(llama_settings(path, model_id=model_id, parallel=parallel, context=context))
+
+
+@contextmanager
+def serving(
+    root: Path, model: Path, *, model_id: str, context: int, parallel: int
+) -> Iterator[LiveServer]:
+    """``model`` loaded as serve loads it, served on loopback until the block ends."""
+    holder = ModelHolder(load_model(model, model_id=model_id, parallel=parallel, context=context))
+    try:
+        with live_server(root, holder, max_concurrency=parallel) as live:
+            yield live
+    finally:
+        holder.close()
 
 
 @dataclass

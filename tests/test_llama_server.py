@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_helpers import MODEL_ID, requires_llama, write_model
+from server_helpers import llama_settings, requires_llama, write_model
 
 from appliance.runtime.base import ChatMessage, RuntimeSettings, SamplingParams
 from appliance.runtime.llamaserver import (
@@ -37,15 +37,7 @@ CONTEXT = 1024
 
 
 def _settings(model: Path, *, parallel: int = 4) -> RuntimeSettings:
-    return RuntimeSettings(
-        backend="llama.cpp",
-        model_path=model,
-        model_id=MODEL_ID,
-        context_size=CONTEXT,
-        gpu_layers=0,
-        threads=1,
-        parallel=parallel,
-    )
+    return llama_settings(model, parallel=parallel, context=CONTEXT)
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,7 @@ from typing import Any
 import openai
 import pytest
 from realmodel import chat_gguf
-from server_helpers import LiveServer, live_server, requires_llama
-
-from appliance.runtime.base import RuntimeSettings
-from appliance.runtime.llamaserver import LlamaServerBackend
-from appliance.server.holder import ModelHolder
+from server_helpers import LiveServer, requires_llama, serving
 
 pytestmark = requires_llama
 
@@ -43,24 +39,9 @@ WEATHER_TOOL: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    model = chat_gguf()
-    backend = LlamaServerBackend(
-        RuntimeSettings(
-            backend="llama.cpp",
-            model_path=model,
-            model_id=MODEL,
-            context_size=2048,
-            gpu_layers=0,
-            threads=1,
-            parallel=2,
-        )
-    )
-    holder = ModelHolder(backend)
-    try:
-        with live_server(tmp_path_factory.mktemp("real"), holder, max_concurrency=2) as live:
-            yield live
-    finally:
-        holder.close()
+    root = tmp_path_factory.mktemp("real")
+    with serving(root, chat_gguf(), model_id=MODEL, context=2048, parallel=2) as live:
+        yield live
 
 
 @pytest.fixture

@@ -13,11 +13,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from server_helpers import LiveServer, live_server, requires_llama
+from server_helpers import LiveServer, requires_llama, serving
 
-from appliance.runtime.base import RuntimeSettings
-from appliance.runtime.llamaserver import LlamaServerBackend
-from appliance.server.holder import ModelHolder
 from builder.tinymodel import write_tiny_llama
 
 pytestmark = requires_llama
@@ -44,23 +41,9 @@ THINK_THEN_ANSWER = 'root ::= "<think>\\n" [a-z ]{3,20} "\\n</think>\\n\\n" [A-Z
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     model = tmp_path_factory.mktemp("thinker") / "thinker.gguf"
     write_tiny_llama(model, context=1024, seed=0, chat_template=THINKING_TEMPLATE)
-    backend = LlamaServerBackend(
-        RuntimeSettings(
-            backend="llama.cpp",
-            model_path=model,
-            model_id=MODEL,
-            context_size=1024,
-            gpu_layers=0,
-            threads=1,
-            parallel=1,
-        )
-    )
-    holder = ModelHolder(backend)
-    try:
-        with live_server(tmp_path_factory.mktemp("root"), holder, max_concurrency=1) as live:
-            yield live
-    finally:
-        holder.close()
+    root = tmp_path_factory.mktemp("root")
+    with serving(root, model, model_id=MODEL, context=1024, parallel=1) as live:
+        yield live
 
 
 def _body(**extra: Any) -> dict[str, Any]:
