@@ -466,20 +466,22 @@ class LlamaServerBackend:
 
     def __init__(self, settings: RuntimeSettings) -> None:
         self.settings = settings
-        vocabulary = _Vocabulary(settings.model_path)
-        template = None if vocabulary.has_template else fallback_template(vocabulary.architecture)
-        if not vocabulary.has_template:
+        architecture, has_template = _gguf_facts(settings.model_path)
+        template = None if has_template else fallback_template(architecture)
+        if not has_template:
             LOG.warning(
                 "%s has no chat template: %s",
                 settings.model_path.name,
-                f"{vocabulary.architecture}'s format is used"
+                f"{architecture}'s format is used"
                 if template
                 else "llama-server's default (ChatML) is used, which this model may not know",
             )
         self.engine = EngineProcess(settings, chat_template=template)
-        # The vocabulary scan (a second for the largest) runs while the engine loads.
+        # The vocabulary (a second for the largest) loads while the engine does.
         scan: Future[int] = Future()
-        threading.Thread(target=_settle, args=(scan, _scan, vocabulary), daemon=True).start()
+        threading.Thread(
+            target=_settle, args=(scan, _token_bytes, settings.model_path), daemon=True
+        ).start()
         self.engine.start()
         try:
             LOG.info("%s", memory_line(self.engine.startup_lines, settings.memory_estimate))
@@ -675,15 +677,55 @@ def _raise_for_engine(response: httpx.Response) -> None:
     raise ModelError(f"{SERVER_NAME} answered {response.status_code}: {message}")
 
 
+class _GGUFInitParams(ctypes.Structure):
+    _fields_ = (("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p))
+
+
+def _gguf_facts(model: Path) -> tuple[str, bool]:
+    """The model's architecture and whether it carries a chat template, from its GGUF header
+    alone (ggml's own reader, no vocabulary built): what the engine's command needs, known in
+    milliseconds, so that the engine starts while the vocabulary loads."""
+    llama_cpp = _bindings()
+    base = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    base.gguf_init_from_file.argtypes = [ctypes.c_char_p, _GGUFInitParams]
+    base.gguf_init_from_file.restype = ctypes.c_void_p
+    base.gguf_find_key.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    base.gguf_find_key.restype = ctypes.c_int64
+    base.gguf_get_val_str.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    base.gguf_get_val_str.restype = ctypes.c_char_p
+    base.gguf_free.argtypes = [ctypes.c_void_p]
+    gguf = base.gguf_init_from_file(os.fsencode(model), _GGUFInitParams(True, None))
+    if not gguf:
+        raise ModelError(f"llama.cpp cannot read {model.name} as a GGUF file")
+    try:
+        key = base.gguf_find_key(gguf, b"general.architecture")
+        value = base.gguf_get_val_str(gguf, key) if key >= 0 else None
+        architecture = value.decode("utf-8", "replace") if value else ""
+        return architecture, base.gguf_find_key(gguf, b"tokenizer.chat_template") >= 0
+    finally:
+        base.gguf_free(gguf)
+
+
+def _bindings() -> Any:
+    try:
+        import llama_cpp  # noqa: PLC0415 - the bindings beside the server
+    except ImportError as exc:
+        raise ModelError(f"llama-cpp-python cannot be imported: {exc}") from None
+    if not _QUIET:  # llama.cpp's loader would print its lines into serve's log
+        _QUIET.append(llama_cpp.llama_log_callback(lambda _level, _text, _data: None))
+        llama_cpp.llama_log_set(_QUIET[0], ctypes.c_void_p())
+    return llama_cpp
+
+
+_QUIET: list[Any] = []  # the no-op log callback, kept alive as long as llama.cpp may call it
+
+
 class _Vocabulary:
-    """A model's vocabulary and metadata, loaded alone (llama.cpp reads no weights for it and
-    needs no backend); :meth:`close` frees it."""
+    """A model's vocabulary, loaded alone (llama.cpp reads no weights for it and needs no
+    backend); :meth:`close` frees it."""
 
     def __init__(self, model: Path) -> None:
-        try:
-            import llama_cpp  # noqa: PLC0415 - the bindings beside the server
-        except ImportError as exc:
-            raise ModelError(f"llama-cpp-python cannot be imported: {exc}") from None
+        llama_cpp = _bindings()
         self._lib = llama_cpp
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
@@ -691,13 +733,6 @@ class _Vocabulary:
         self._model = llama_cpp.llama_model_load_from_file(str(model).encode(), params)
         if not self._model:
             raise ModelError(f"llama.cpp cannot read the vocabulary of {model.name}")
-        self.architecture = self._meta("general.architecture") or ""
-        self.has_template = self._meta("tokenizer.chat_template") is not None
-
-    def _meta(self, key: str) -> str | None:
-        buffer = ctypes.create_string_buffer(256)
-        size = int(self._lib.llama_model_meta_val_str(self._model, key.encode(), buffer, 256))
-        return None if size < 0 else buffer.value.decode("utf-8", "replace")
 
     def longest_token_bytes(self) -> int:
         """The most bytes of text one token stands for (base.encode_prompt's bound). Special
@@ -718,7 +753,8 @@ class _Vocabulary:
             self._model = None
 
 
-def _scan(vocabulary: _Vocabulary) -> int:
+def _token_bytes(model: Path) -> int:
+    vocabulary = _Vocabulary(model)
     try:
         return vocabulary.longest_token_bytes()
     finally:
