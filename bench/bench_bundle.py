@@ -391,11 +391,11 @@ def startup(fx: Fixture, repeat: int) -> dict[str, list[Sample]]:
 
 
 def med(samples: Sequence[Sample], attr: str = "wall_s") -> float:
-    return statistics.median(getattr(s, attr) for s in samples)
+    return float(statistics.median(getattr(s, attr) for s in samples))
 
 
 def low(samples: Sequence[Sample], attr: str = "wall_s") -> float:
-    return min(getattr(s, attr) for s in samples)
+    return float(min(getattr(s, attr) for s in samples))
 
 
 def peak_mib(samples: Sequence[Sample]) -> float:

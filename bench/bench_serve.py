@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from benchdoc import write_section
 
 from appliance.runtime import cpuvariant
 from appliance.runtime.llamaserver import EngineProcess, ServerBinary, engine_dir, find_server
@@ -670,30 +671,6 @@ def per_round_cold(res: Results) -> list[float]:
     return [o / b for o, b in pairs]
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace our section of ``path``: between the markers (keeping the hand-written notes
-    after ``NOTES``), else from our heading to the next ``## ``; else append it."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        old, tail = rest.split(END, 1)
-        if NOTES in old:
-            section = section.replace(NOTES + "\n" + END, NOTES + old.split(NOTES, 1)[1] + END)
-        text = head + section + tail
-    elif HEADING in text:  # a section written before the markers
-        head, rest = text.split(HEADING, 1)
-        following = rest.find("\n## ")
-        tail = rest[following:] if following >= 0 else "\n"
-        text = head + section + "\n" + tail
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-
-
-# --- main -----------------------------------------------------------------------------------
-
-
 def default_model() -> Path:
     """tests/realmodel.py's Gemma GGUF, assembled once per machine from the dev extra."""
     sys.path.insert(0, str(REPO / "tests"))
@@ -823,7 +800,7 @@ def main() -> None:
         )
     )
     if args.out:
-        write_section(args.out, section)
+        write_section(args.out, section, begin=BEGIN, end=END, notes=NOTES, heading=HEADING)
         print(f"wrote the bench_serve section of {args.out}")
 
 
