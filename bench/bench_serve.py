@@ -67,7 +67,7 @@ import httpx
 from benchdoc import write_section
 
 from appliance.runtime import cpuvariant
-from appliance.runtime.llamaserver import EngineProcess, ServerBinary, engine_dir, find_server
+from appliance.runtime.llamaengine import EngineProcess, ServerBinary, engine_dir, find_server
 from appliance.runtime.loader import slot_runtime_settings
 from appliance.slots import SlotPaths
 

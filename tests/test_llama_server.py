@@ -22,13 +22,8 @@ import pytest
 from server_helpers import llama_settings, requires_llama, write_model
 
 from appliance.runtime.base import ChatMessage, RuntimeSettings, SamplingParams
-from appliance.runtime.llamaserver import (
-    SERVER_NAME,
-    EngineProcess,
-    LlamaServerBackend,
-    default_threads,
-    find_server,
-)
+from appliance.runtime.llamaengine import SERVER_NAME, EngineProcess, default_threads, find_server
+from appliance.runtime.llamaserver import LlamaServerBackend
 from signing.errors import ModelError
 
 pytestmark = requires_llama
@@ -186,7 +181,7 @@ def test_the_engine_dies_with_its_parent_even_by_sigkill(model: Path, tmp_path: 
         import sys, time
         from pathlib import Path
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from appliance.runtime.llamaserver import EngineProcess
+        from appliance.runtime.llamaengine import EngineProcess
         from test_llama_server import _settings
         engine = EngineProcess(_settings(Path({str(model)!r}), parallel=1))
         engine.start()

@@ -22,7 +22,7 @@ import pytest
 from appliance.installer import InstallOptions
 from appliance.provenance import describe_provenance
 from appliance.runtime import base
-from appliance.runtime.llamaserver import EngineProcess
+from appliance.runtime.llamaengine import EngineProcess
 from appliance.runtime.loader import health_check
 from appliance.runtime.memreport import (
     MEMORY_PREFIX,
