@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from appliance.runtime.base import SamplingParams
-from appliance.runtime.loader import load_backend, slot_runtime_settings
+from appliance.runtime.loader import PARENT_ENV, load_backend, slot_runtime_settings
 from signing.errors import AirgapError
 
 PROMPT = "Hello"
@@ -33,7 +33,9 @@ def _die_with_the_installer() -> None:
     """Ask Linux to SIGKILL this child when the installer dies, however it dies (kill -9
     included): a health check must never outlive the install it belongs to. An installer that
     is stopped by SIGTERM or Ctrl-C kills this child itself (subprocess.run)."""
-    parent = os.getppid()
+    # The installer's pid, from the installer itself: one that died while this interpreter was
+    # still starting has left us to init already, and getppid() alone would not tell.
+    parent = int(os.environ.get(PARENT_ENV, "0")) or os.getppid()
     libc_name = ctypes.util.find_library("c")
     if libc_name is None:
         return

@@ -8,6 +8,7 @@ installer, and a timeout bounds it (docs/bundle-format.md, step I7).
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -22,6 +23,7 @@ from signing.errors import IntegrityError, ModelError
 from signing.manifest import BundleManifest
 
 LOG = logging.getLogger(__name__)
+PARENT_ENV = "APPLIANCE_HEALTH_CHECK_PARENT"  # the installer's pid, for the health check child
 
 
 def slot_runtime_settings(slot: Path, *, parallel: int = 4) -> RuntimeSettings:
@@ -65,7 +67,12 @@ def health_check(slot: Path, *, timeout_s: float = HOST_LIMITS.health_check_time
     command = [str(python or sys.executable), "-m", "appliance.runtime.healthcheck", str(slot)]
     try:
         result = subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout_s, check=False
+            command,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+            env=os.environ | {PARENT_ENV: str(os.getpid())},
         )
     except subprocess.TimeoutExpired:
         raise ModelError(
