@@ -23,6 +23,12 @@ from builder.sdist import build_wheels
 from builder.wheels import select_pip_artifacts
 
 REPO = Path(__file__).resolve().parent.parent
+# An older CPU for the portability tests (qemu-user): AMD Zen 2, AVX2, no AVX-512; and the
+# dispatch build's variants that need AVX-512, which it must never get.
+EMULATED = ("qemu-x86_64", "-cpu", "EPYC-Rome")
+AVX512_VARIANTS = frozenset(
+    {"skylakex", "cannonlake", "cascadelake", "icelake", "cooperlake", "zen4", "sapphirerapids"}
+)
 DEMO_RECIPE = REPO / "bundles" / "demo.toml"
 
 

@@ -7,6 +7,7 @@ the builder's portable build into the venv), the tiny generated model, real sign
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from portable_build import AVX512_VARIANTS, EMULATED
 from server_helpers import llama_settings, requires_llama, write_model
 
 from appliance.runtime.base import ChatMessage, RuntimeSettings, SamplingParams
@@ -237,3 +239,34 @@ def test_a_gguf_without_a_template_gets_its_family_format() -> None:
         "<start_of_turn>user\nBe brief.\n\nCapital of France?<end_of_turn>\n<start_of_turn>model\n"
     ), prompt
     assert "<|im_start|>" not in prompt
+
+
+def test_a_real_quantised_model_answers_through_the_engine_on_a_cpu_without_avx512() -> None:
+    """The engine path itself (llama-server, its CPU variant chosen by execution) on Gemma's
+    Q4_K_M kernels under an emulated Zen 2: the variant a host without AVX-512 gets, and an
+    answer from it (minutes: qemu runs a few million instructions a second)."""
+    if shutil.which(EMULATED[0]) is None:
+        pytest.skip("qemu-user is not installed (scripts/setup.sh installs it as root)")
+    from realmodel import gemma_gguf
+
+    settings = llama_settings(gemma_gguf(), model_id="gemma", parallel=1, context=256)
+    engine = EngineProcess(settings, launcher=EMULATED)
+    engine.start()
+    try:
+        assert engine.pid is not None
+        cmdline = Path(f"/proc/{engine.pid}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[0].endswith(b"qemu-x86_64"), cmdline  # really emulated
+        bin_dir = engine.socket.parent / "bin"
+        (variant,) = [p.name for p in bin_dir.iterdir() if p.name.startswith("libggml-cpu-")]
+        assert variant.removeprefix("libggml-cpu-").removesuffix(".so") not in AVX512_VARIANTS
+        with engine.client(timeout=600) as http:
+            response = http.post(
+                "/completion",
+                json={"prompt": "The capital of France is", "n_predict": 2, "temperature": 0},
+            )
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["tokens_predicted"] == 2
+        assert answer["content"].strip()
+    finally:
+        engine.close()

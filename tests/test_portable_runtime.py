@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from helpers_cli import builder, ok
-from portable_build import DEMO_LOCK, SLOT_RUNTIME, portable_wheel
+from portable_build import AVX512_VARIANTS, DEMO_LOCK, EMULATED, SLOT_RUNTIME, portable_wheel
 from realmodel import gemma_gguf
 
 from appliance.installer import Appliance, InstallOptions
@@ -41,10 +41,6 @@ from signing.metadata import BUNDLE_ROLE, ROOT_ROLE, Role, Root, sign_root
 
 pytestmark = pytest.mark.slow
 
-AVX512_VARIANTS = frozenset(
-    {"skylakex", "cannonlake", "cascadelake", "icelake", "cooperlake", "zen4", "sapphirerapids"}
-)
-EMULATED = ("qemu-x86_64", "-cpu", "EPYC-Rome")  # AMD Zen 2: AVX2, no AVX-512
 RECIPE = """[bundle]
 name = "gemma"
 version = "1.0.0"

@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,12 +180,16 @@ class EngineProcess:
         embeddings: bool = False,
         chat_template: str | None = None,
         ready_timeout_s: float = READY_TIMEOUT_S,
+        launcher: Sequence[str] = (),
     ) -> None:
         self.settings = settings
         self.embeddings = embeddings
         self.chat_template = chat_template  # Jinja, for a GGUF without one (chattemplates)
         self.secret = secrets.token_urlsafe(32)
         self._ready_timeout_s = ready_timeout_s
+        # What the server (and the CPU-variant probe) run under: an emulator of an older CPU
+        # (``qemu-x86_64 -cpu EPYC-Rome``) in the portability tests; nothing in production.
+        self._launcher = tuple(launcher)
         self._binary = find_server()
         self._home = Path(tempfile.mkdtemp(prefix="appliance-engine-"))  # 0700
         self.socket = self._home / "engine.sock"
@@ -257,7 +262,9 @@ class EngineProcess:
         if runtime is None:
             return None  # a build with one CPU backend, linked in: nothing to choose
         memory = None if self.settings.slot is None else SlotPaths(self.settings.slot).cpu_variant
-        choice = cpuvariant.choose(runtime, model_path=self.settings.model_path, memory=memory)
+        choice = cpuvariant.choose(
+            runtime, model_path=self.settings.model_path, memory=memory, launcher=self._launcher
+        )
         LOG.info("%s", choice.describe())
         for warning in cpuvariant.gpu_backend_warnings(runtime):  # the CPU serves instead
             LOG.warning("%s", warning)
@@ -271,7 +278,7 @@ class EngineProcess:
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
         proc = subprocess.Popen(
-            self.command(self._server),
+            [*self._launcher, *self.command(self._server)],
             cwd=self._server.parent,
             env=env,
             stdin=subprocess.DEVNULL,
