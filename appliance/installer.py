@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from appliance import staging
 from appliance.faults import fault
 from appliance.fsutil import atomic_write
+from appliance.hashpool import PoolHasher
 from appliance.host import HostState, HostTime, Trial, check_signing_time, host_time
 from appliance.hostfacts import check_host
 from appliance.limits import HOST_LIMITS
@@ -119,13 +120,17 @@ class Appliance:
                     tar, self.limits, root=root, clock=clock, record=record, split=split
                 )
                 _start(progress, verified)
-                with staging.verify_sink(stream, self.limits) as sink:
+                with (
+                    staging.verify_sink(stream, self.limits) as sink,
+                    PoolHasher(self.limits.hash_threads) as hasher,
+                ):
                     stream_payload(
                         tar,
                         verified.manifest,
                         sink,
                         limits=self.limits,
                         progress=progress.advance if progress else None,
+                        hasher=hasher,
                     )
             return verified
 
@@ -245,13 +250,17 @@ class Appliance:
             try:
                 _start(progress, verified)
                 payload_dir = SlotPaths(slot_dir).payload
-                with staging.payload_sink(payload_dir, stream, self.limits) as sink:
+                with (
+                    staging.payload_sink(payload_dir, stream, self.limits) as sink,
+                    PoolHasher(self.limits.hash_threads) as hasher,
+                ):
                     stream_payload(
                         tar,
                         manifest,
                         sink,
                         limits=self.limits,
                         progress=progress.advance if progress else None,
+                        hasher=hasher,
                     )
                 fault("after-payload", self.paths.root)
                 # I6: the verified head and the slot's own record, then fsync the tree.

@@ -270,6 +270,11 @@ class PartStream:
         if self._rebuilder is not None:
             self._rebuilder.close()
 
+    @property
+    def all_on_disk(self) -> bool:
+        """Every part is read from its file (none is rebuilt from parity)."""
+        return not self._rebuilt
+
     def readinto(self, buffer: memoryview, /) -> int:
         part = self._current()
         if part is None:

@@ -1,9 +1,10 @@
 """Step I5's and V6-V9's payload sinks: where a bundle's member bytes go, on which threads.
 
 The installer (appliance.installer) decides what is installed; this module only moves bytes
-fast and boundedly: the kernel copy with read-back hashing for a bundle file
-(:class:`CopyingSink`), a writer thread for a pipe (:class:`StagingSink`), read-ahead for
-verify (:class:`ReadAheadSink`). Each keeps memory fixed whatever the bundle size, fsyncs on a
+fast and boundedly: the kernel copy for a bundle file, read back and hashed on every core by
+appliance.hashpool (:class:`CopyingSink`), a writer thread for a pipe (:class:`StagingSink`),
+and for verify only the position moved past bytes that are hashed where they lie
+(:class:`InPlaceSink`). Each keeps memory fixed whatever the bundle size, fsyncs on a
 thread of its own, skips every fsync once the install is failing, and leaves SIGINT and SIGTERM
 to the main thread. Measurements and the reasoning: docs/adr/0008-install-copy-path.md.
 """
@@ -17,15 +18,13 @@ import queue
 import signal
 import stat
 import threading
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, Protocol, runtime_checkable
 
 from appliance.fsutil import fsync_dir
-from appliance.limits import HOST_LIMITS
-from signing.bundle import DiscardSink, Limits
+from signing.bundle import DiscardSink, Limits, Segment
 from signing.errors import StateError
 from signing.manifest import Entry
 from signing.tarstream import TarReader
@@ -176,27 +175,23 @@ class FileSource:
 
 class CopyingSink:
     """Step I5 for a bundle that is a regular file, or split parts: the kernel copies the
-    data (within one part at a time: :class:`CopySource`), we hash it.
+    data (within one part at a time: :class:`CopySource`); the hash pool reads it back.
 
-    For each window (``Limits.copy_window_bytes``) of a member, ``os.copy_file_range`` copies
-    the bytes from the bundle file's current position into the staged file inside the kernel
-    (no copy through Python, no writer thread); then the staged bytes are read back from the
-    page cache in ``Limits.chunk_bytes`` pieces, each hashed while it is still in the CPU's
-    cache. What is hashed is therefore what the staged file holds, not the source, which could
-    change between a hash and a copy (docs/adr/0008-install-copy-path.md). The strict reader
-    still reads every header and padding block: the copy advances the file position it reads
-    from, through :meth:`TarReader.transfer`, which also detects a truncated bundle.
+    ``os.copy_file_range`` copies each window (``Limits.copy_window_bytes``) of a member from
+    the bundle file's current position into the staged file inside the kernel (no copy through
+    Python, no writer thread); :meth:`place` then says where the bytes lie in the staged file,
+    and appliance.hashpool reads them back from the page cache and hashes them on other cores
+    while the next range is copied. What is hashed is therefore what the staged file holds,
+    not the source, which could change between a hash and a copy
+    (docs/adr/0008-install-copy-path.md). The strict reader still reads every header and
+    padding block: the copy advances the file position it reads from, through
+    :meth:`TarReader.transfer`, which also detects a truncated bundle.
 
     Where ``copy_file_range`` is refused (another file system, an old kernel), ``sendfile``
     copies instead, and where that is refused too, plain ``read`` and ``write``; the staged
-    bytes are read back and hashed either way. While one window is read back and hashed, the
-    next window of the same member is already being copied by a worker thread (both release
-    the GIL: the copy runs in the kernel, hashlib hashes large buffers without it), so copying
-    and hashing overlap on two cores; the reader is only ever used by one thread at a time,
-    and the member's last window is joined before its next header is read. Finished files are
-    fsynced and closed on a third thread while the next file is copied; directories at the
-    end, deepest first. On any failure nothing more is fsynced: the staging slot is about to
-    be removed.
+    bytes are read back and hashed either way. Finished files are fsynced and closed on a
+    thread of their own while the next file is copied; directories at the end, deepest first.
+    On any failure nothing more is fsynced: the staging slot is about to be removed.
     """
 
     def __init__(self, payload_dir: Path, source: CopySource | int, limits: Limits) -> None:
@@ -204,24 +199,15 @@ class CopyingSink:
         # A bare descriptor is one bundle file.
         self._source = FileSource(source) if isinstance(source, int) else source
         self._window = max(limits.copy_window_bytes, limits.chunk_bytes)
-        self._buffer = bytearray(limits.chunk_bytes)
-        self._view = memoryview(self._buffer)
-        # The copy's own buffer, for the read/write fallback on the worker thread.
+        # The copy's own buffer, for the read/write fallback.
         self._move_view = memoryview(bytearray(limits.chunk_bytes))
         self._mode = _COPY_FILE_RANGE
-        self._copier = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="staging-copy",
-            initializer=leave_signals_to_the_main_thread,
-        )
-        self._pending: Future[int] | None = None  # the next window, being copied
         self._fd = -1
         self._copied = 0  # bytes of the current file in place
-        self._hashed = 0  # of which read back and handed out
         self._made_dirs: set[Path] = {payload_dir}
         self._error: OSError | None = None
         self._aborted = False
-        self._to_sync: queue.Queue[int | None] = queue.Queue()
+        self._to_sync: queue.Queue[tuple[int, Callable[[], bool]] | None] = queue.Queue()
         self._syncer = threading.Thread(target=self._sync, name="staging-fsync", daemon=True)
 
     @property
@@ -237,8 +223,6 @@ class CopyingSink:
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         # On failure the staging slot is about to be deleted: skip every fsync still to do.
         self._aborted = exc_type is not None
-        self._join_pending(reraise=exc_type is None)
-        self._copier.shutdown(wait=True)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -255,44 +239,30 @@ class CopyingSink:
         _make_parents(path.parent, self._made_dirs)
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         self._fd = os.open(path, flags, 0o644)
-        self._copied = self._hashed = 0
+        self._copied = 0
 
-    def take(self, tar: TarReader, length: int) -> memoryview:
+    def place(
+        self, tar: TarReader, length: int, progress: Callable[[int], None] | None
+    ) -> list[Segment]:
+        """Copy the member's next ``length`` bytes into the staged file; they are read back
+        from there (a duplicate descriptor: the file is fsynced and closed meanwhile)."""
         self._raise_if_failed()
-        if self._hashed == self._copied:
-            if self._pending is not None:
-                self._join_pending(reraise=True)
-            else:
-                self._copied = self._copy(tar, min(length, self._window))
-            # ``length`` is what is left to hash; of that, what is not copied yet goes next.
-            ahead = length - (self._copied - self._hashed)
-            if ahead > 0:
-                self._pending = self._copier.submit(self._copy, tar, min(ahead, self._window))
-        view = self._view[: min(self._copied - self._hashed, len(self._buffer))]
-        _read_exactly_at(self._fd, view, self._hashed)
-        self._hashed += len(view)
-        return view
+        start = self._copied
+        done = 0
+        while done < length:
+            window = min(length - done, self._window)
+            tar.transfer(window, self._move)
+            done += window
+            if progress is not None:
+                progress(window)
+        self._copied = start + done
+        return [Segment(fd=os.dup(self._fd), offset=start, length=length)] if length else []
 
-    def end(self, entry: Entry) -> None:
-        self._to_sync.put(self._fd)  # the syncer fsyncs and closes it
+    def end(self, entry: Entry, settled: Callable[[], bool]) -> None:
+        # The syncer fsyncs and closes it, once its hashes matched: a refused file is never
+        # fsynced (the staging slot is about to be removed).
+        self._to_sync.put((self._fd, settled))
         self._fd = -1
-
-    def _copy(self, tar: TarReader, window: int) -> int:
-        """Copy the member's next ``window`` bytes into the staged file (either thread);
-        return how many bytes the staged file now holds."""
-        tar.transfer(window, self._move)
-        return os.lseek(self._fd, 0, os.SEEK_CUR)
-
-    def _join_pending(self, *, reraise: bool) -> None:
-        """Wait for the window being copied; on success it counts as copied."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        try:
-            self._copied = pending.result()
-        except BaseException:
-            if reraise:
-                raise
 
     def _move(self, count: int) -> int:
         """Copy up to ``count`` bytes from the bundle's position to the staged file's."""
@@ -328,9 +298,10 @@ class CopyingSink:
 
     def _sync(self) -> None:
         leave_signals_to_the_main_thread()
-        while (fd := self._to_sync.get()) is not None:
+        while (item := self._to_sync.get()) is not None:
+            fd, settled = item
             try:
-                if not self._aborted and self._error is None:
+                if not self._aborted and self._error is None and settled():
                     os.fsync(fd)
             except OSError as exc:
                 self._error = self._error or exc
@@ -338,73 +309,77 @@ class CopyingSink:
                 os.close(fd)
 
 
-class ReadAheadSink:
-    """Verify (V6 to V9) of a bundle that is a regular file: read the next piece while this
-    one is hashed.
+class InPlaceSink:
+    """Verify (V6 to V9) of a bundle file or of its parts: the bytes already lie on disk.
 
-    ``take`` hands back a member's pieces (``READ_AHEAD_BYTES`` each) read by the strict reader;
-    while the caller hashes one, a worker thread already reads the next piece of the same member
-    into the other of two buffers (``readinto`` and hashlib both release the GIL). The reader is
-    used by one thread at a time: the member's last piece is never read ahead, so the next
-    header is read after the worker is done. Saves the read's copy from the page cache (about
-    0.1 s per GiB) on the wall clock; nothing is written.
+    :meth:`place` only moves the reader's position past the member's bytes (an ``lseek``) and
+    says where they lie, in the bundle file or in the parts; the hash pool reads and hashes
+    them on every core. Nothing is copied and nothing written. A file shorter than it should
+    be stops the move, and the strict reader reports the bundle as truncated.
     """
 
-    def __init__(self, piece_bytes: int) -> None:
-        self._piece = piece_bytes
-        self._buffers = (bytearray(piece_bytes), bytearray(piece_bytes))
-        self._turn = 0
-        self._pending: Future[memoryview] | None = None
-        self._reader = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="verify-read",
-            initializer=leave_signals_to_the_main_thread,
-        )
+    def __init__(self, source: CopySource, window: int) -> None:
+        self._source = source
+        self._window = window  # progress is told of each
+        self._segments: list[Segment] = []
+        self._from = -1  # the source descriptor the last segment duplicates
 
-    def __enter__(self) -> ReadAheadSink:
+    def __enter__(self) -> InPlaceSink:
         return self
 
     def __exit__(self, *_: object) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.exception()  # wait for it; a failure is already being raised, or moot
-        self._reader.shutdown(wait=True)
+        for segment in self._segments:  # left by a failed move
+            os.close(segment.fd)
+        self._segments.clear()
 
     def begin(self, entry: Entry) -> None:
         pass
 
-    def take(self, tar: TarReader, length: int) -> memoryview:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            view = pending.result()
-        else:
-            view = self._read(tar, min(length, self._piece))
-        ahead = length - len(view)
-        if ahead > 0:
-            self._pending = self._reader.submit(self._read, tar, min(ahead, self._piece))
-        return view
+    def place(
+        self, tar: TarReader, length: int, progress: Callable[[int], None] | None
+    ) -> list[Segment]:
+        done = 0
+        while done < length:
+            window = min(length - done, self._window)
+            tar.transfer(window, self._skip)
+            done += window
+            if progress is not None:
+                progress(window)
+        placed, self._segments = self._segments, []
+        return placed
 
-    def end(self, entry: Entry) -> None:
+    def end(self, entry: Entry, settled: Callable[[], bool]) -> None:
         pass
 
-    def _read(self, tar: TarReader, length: int) -> memoryview:
-        view = memoryview(self._buffers[self._turn])[:length]
-        self._turn ^= 1
-        tar.read_into(view)
-        return view
-
-
-# A module name (read at each call), so that a test can make the pieces small.
-READ_AHEAD_BYTES: Final = HOST_LIMITS.read_ahead_bytes
+    def _skip(self, count: int) -> int:
+        target = self._source.copy_range(count)
+        if target is None:  # pragma: no cover - verify_sink gives a rebuilt part no such sink
+            raise StateError("bundle bytes that are not on disk cannot be verified in place")
+        fd, most = target
+        position = os.lseek(fd, 0, os.SEEK_CUR)
+        most = max(0, min(most, os.fstat(fd).st_size - position))
+        if most == 0:
+            return 0  # the end of the file: the reader calls the bundle truncated
+        os.lseek(fd, most, os.SEEK_CUR)
+        self._source.copied(most)
+        last = self._segments[-1] if self._segments else None
+        if last is not None and self._from == fd and last.offset + last.length == position:
+            self._segments[-1] = Segment(fd=last.fd, offset=last.offset, length=last.length + most)
+        else:
+            self._segments.append(Segment(fd=os.dup(fd), offset=position, length=most))
+            self._from = fd
+        return most
 
 
 @contextmanager
 def verify_sink(
     stream: io.FileIO | CopySource, limits: Limits
-) -> Iterator[DiscardSink | ReadAheadSink]:
-    """Read-ahead for a bundle file or its parts; the plain one-thread pass for a pipe."""
-    if limits.copy_window_bytes > 0 and _is_file(stream):
-        with ReadAheadSink(READ_AHEAD_BYTES) as sink:
+) -> Iterator[DiscardSink | InPlaceSink]:
+    """In place (hashed on every core) for a bundle file or parts that are all on disk; the
+    plain one-thread pass for a pipe, or for parts of which one is rebuilt from parity."""
+    if limits.copy_window_bytes > 0 and _is_file(stream) and _on_disk(stream):
+        source = stream if isinstance(stream, CopySource) else FileSource(stream.fileno())
+        with InPlaceSink(source, max(limits.copy_window_bytes, limits.chunk_bytes)) as sink:
             yield sink
     else:
         yield DiscardSink(limits.chunk_bytes)
@@ -427,13 +402,9 @@ def _is_file(stream: io.FileIO | CopySource) -> bool:
     return True  # split parts are files (appliance.parts)
 
 
-def _read_exactly_at(fd: int, view: memoryview, offset: int) -> None:
-    got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n == 0:
-            raise StateError(f"staged file shorter than what was copied into it ({offset + got})")
-        got += n
+def _on_disk(stream: io.FileIO | CopySource) -> bool:
+    """Every byte can be read from a descriptor (not a part rebuilt from parity)."""
+    return getattr(stream, "all_on_disk", True) is not False
 
 
 def _write_all(fd: int, view: memoryview) -> None:

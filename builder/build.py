@@ -16,6 +16,7 @@ from typing import Protocol
 
 from appliance.console import Progress
 from builder.environment import prepare_environment, resolve_model
+from builder.evalset import evaluation_payload
 from builder.hostreqs import host_requirements
 from builder.memtable import model_memory
 from builder.pack import (
@@ -27,6 +28,7 @@ from builder.pack import (
 )
 from builder.recipe import load_recipe
 from builder.sbom import FileRecord, make_sbom
+from signing.chunks import CHUNK_BYTES
 from signing.errors import InputError
 from signing.keys import SigningKey
 from signing.manifest import BundleManifest, Entry, check_relative_path
@@ -117,6 +119,7 @@ def build_bundle(
         work = Path(tmp)
         model = resolve_model(recipe, work=work, eval_python=eval_python, say=say)
         files, model_path = collect_payload(recipe_path, model.source_path, model.digests)
+        files += evaluation_payload(recipe.evaluation, work=work)  # eval/ (builder.evalset)
         env = prepare_environment(recipe_path, recipe, work=work, lock=lock, jobs=jobs, say=say)
         if env is not None:
             files += env.files
@@ -158,7 +161,7 @@ def build_bundle(
             runtime=recipe.runtime_settings(),
             model_path=model_path,
             entries=tuple(
-                Entry(path=f.entry_path, size=r.size, sha256=r.sha256, kind=f.kind)
+                Entry(path=f.entry_path, size=r.size, sha256=r.sha256, kind=f.kind, chunks=r.chunks)
                 for f in files
                 for r in (records[f.entry_path],)
             ),
@@ -182,13 +185,18 @@ def build_bundle(
 
 
 def _record(f: PayloadFile) -> FileRecord:
-    """Size and sha256 of a payload file: read and hashed, unless its hash is known already."""
-    if f.sha256 is None:
-        return FileRecord(f.entry_path, *hash_file(f.source))
+    """Size, sha256 and chunk hashes of a payload file: read and hashed, unless its hash is
+    known already and it is no larger than one chunk (signing.chunks)."""
     try:
-        return FileRecord(f.entry_path, f.source.stat().st_size, f.sha256)
+        size = f.source.stat().st_size
     except OSError as exc:
         raise InputError(f"cannot read {f.source}: {exc.strerror}") from None
+    if f.sha256 is not None and size <= CHUNK_BYTES:
+        return FileRecord(f.entry_path, size, f.sha256)
+    size, sha256, chunks = hash_file(f.source)
+    if f.sha256 is not None and sha256 != f.sha256:
+        raise InputError(f"{f.source} changed after it was checked (sha256 {sha256[:16]}...)")
+    return FileRecord(f.entry_path, size, sha256, chunks)
 
 
 def _under(path: str, directory: str) -> bool:

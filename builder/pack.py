@@ -10,7 +10,6 @@ does not depend on the payload size (docs/bundle-format.md, section 3).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tarfile
 from collections.abc import Callable, Iterable, Mapping
@@ -18,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final
 
-from builder.cache import sha256_file
 from signing.bundle import (
     FORMAT_MAGIC,
     FORMAT_MEMBER,
@@ -29,6 +27,7 @@ from signing.bundle import (
     open_bundle,
     read_head,
 )
+from signing.chunks import ChunkedDigest
 from signing.errors import InputError
 from signing.keys import SigningKey
 from signing.manifest import (
@@ -100,7 +99,7 @@ def write_bundle(
                 source = sources[entry.path]
                 fh.write(tar_header(PAYLOAD_PREFIX + entry.path, entry.size))
                 digest = _copy_file(source, fh, entry.size, progress)
-                if digest != entry.sha256:
+                if (digest.hexdigest(), digest.chunks()) != (entry.sha256, entry.chunks):
                     raise InputError(f"{source} changed while the bundle was being written")
                 fh.write(bytes(padded(entry.size) - entry.size))
             fh.write(bytes(2 * BLOCK))
@@ -138,12 +137,16 @@ def cosign_in_place(
     return manifest, tuple(sorted(existing))
 
 
-def hash_file(path: Path) -> tuple[int, str]:
-    """Size and sha256 of a file (the bytes are hashed again as write_bundle copies them)."""
+def hash_file(path: Path) -> tuple[int, str, tuple[str, ...]]:
+    """Size, sha256 and chunk hashes of a file (hashed again as write_bundle copies it)."""
+    digest = ChunkedDigest()
     try:
-        return path.stat().st_size, sha256_file(path)
+        with path.open("rb") as fh:
+            while chunk := fh.read(_COPY_CHUNK):
+                digest.update(chunk)
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    return digest.size, digest.hexdigest(), digest.chunks()
 
 
 def _write_member(fh: BinaryIO, name: str, data: bytes) -> None:
@@ -154,8 +157,8 @@ def _write_member(fh: BinaryIO, name: str, data: bytes) -> None:
 
 def _copy_file(
     source: Path, fh: BinaryIO, size: int, progress: Callable[[int], None] | None
-) -> str:
-    digest = hashlib.sha256()
+) -> ChunkedDigest:
+    digest = ChunkedDigest()
     copied = 0
     with source.open("rb") as src:
         while chunk := src.read(_COPY_CHUNK):
@@ -168,4 +171,4 @@ def _copy_file(
                 progress(len(chunk))
     if copied != size:
         raise InputError(f"{source} changed size while the bundle was being written")
-    return digest.hexdigest()
+    return digest

@@ -36,6 +36,8 @@ class FileRecord:
     path: str
     size: int
     sha256: str
+    # The sha256 of each 64 MiB piece of a larger file (signing.chunks); not in the SBOM.
+    chunks: tuple[str, ...] = ()
 
 
 def make_sbom(

@@ -13,15 +13,16 @@ from dataclasses import dataclass
 from typing import Final, Protocol, runtime_checkable
 
 from signing.bounded import quote
+from signing.chunks import HashJob, hash_jobs
 from signing.errors import FormatError, PayloadError
 from signing.manifest import BundleManifest, Entry, check_relative_path
 from signing.tarstream import MemberHeader, ReadableStream, TarReader
 
 FORMAT_MEMBER: Final = "format"
+PAYLOAD_PREFIX: Final = "payload/"
 FORMAT_MAGIC: Final = b"airgap-appliance-bundle 1\n"
 MANIFEST_MEMBER: Final = "manifest.json"
 SIGNATURES_MEMBER: Final = "signatures.json"
-PAYLOAD_PREFIX: Final = "payload/"
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class Limits:
     # staged file, which is then read back in chunks and hashed (step I5, ADR 0008). 0 keeps
     # a bundle file on the streaming path (read, hash, write on a thread), as a pipe is.
     copy_window_bytes: int = 8 << 20
+    # Threads that hash payload ranges where they lie (appliance.hashpool); 0: one per core.
+    hash_threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,22 +67,51 @@ class PayloadSink(Protocol):
         """The entry's bytes all arrived and matched their signed sha256."""
 
 
+@dataclass(frozen=True)
+class Segment:
+    """Where placed bytes can be read back: ``length`` bytes at ``offset`` of descriptor
+    ``fd``, which the segment owns (a duplicate; :class:`ChunkHasher` closes it)."""
+
+    fd: int
+    offset: int
+    length: int
+
+
 @runtime_checkable
-class CopySink(Protocol):
-    """A sink that moves payload bytes from the bundle itself (a kernel copy, step I5) and
-    hands back the bytes as it stored them, to be hashed."""
+class RangeSink(Protocol):
+    """A sink that puts payload bytes in place itself (a kernel copy into staging, step I5, or
+    past them in the bundle file, for verify) and says where they can be read back, so that
+    they are hashed on every core (:class:`ChunkHasher`) rather than in the reading thread."""
 
     def begin(self, entry: Entry) -> None: ...
 
-    def take(self, tar: TarReader, length: int) -> memoryview:
-        """Store the member's next bytes, at most ``length``, moving them with
-        :meth:`TarReader.transfer`; return exactly the bytes stored, read back, for hashing.
+    def place(
+        self, tar: TarReader, length: int, progress: Callable[[int], None] | None
+    ) -> list[Segment]:
+        """Put the member's next ``length`` bytes in place, moving them with
+        :meth:`TarReader.transfer` (``progress`` hears of each window moved); return where
+        they now lie, in order."""
 
-        The view is valid until the next call.
+    def end(self, entry: Entry, settled: Callable[[], bool]) -> None:
+        """All of the entry's bytes are in place; ``settled`` waits for their hashes (and all
+        before them) and says whether they matched."""
+
+
+class ChunkHasher(Protocol):
+    """Hashes placed ranges on other threads; raises the first failure in stream order."""
+
+    def submit(self, job: HashJob, segments: list[Segment]) -> Callable[[], bool]:
+        """Check ``segments`` (together ``job.length`` bytes) against ``job.expected``; may
+        block while enough work is in flight. Raises an earlier job's failure, if any.
+
+        Returns a wait for this job and every one before it: True if all of them matched.
         """
 
-    def end(self, entry: Entry) -> None:
-        """The entry's bytes all arrived and matched their signed sha256."""
+    def drain(self) -> None:
+        """Wait for every job; raise the first failure in stream order."""
+
+    def first_failure(self) -> PayloadError | None:
+        """Wait for every job; the first failure in stream order, if any."""
 
 
 class DiscardSink:
@@ -120,16 +152,43 @@ def read_head(tar: TarReader, limits: Limits) -> BundleHead:
 def stream_payload(
     tar: TarReader,
     manifest: BundleManifest,
-    sink: PayloadSink | CopySink,
+    sink: PayloadSink | RangeSink,
     *,
     limits: Limits,
     progress: Callable[[int], None] | None = None,
+    hasher: ChunkHasher | None = None,
 ) -> None:
     """Steps V6 to V9: each member must be the next entry; hash it while the sink stores it.
 
-    A :class:`CopySink` moves the data bytes itself; every header, the padding and the end of
-    the archive are still read and checked here, by the same strict reader, in the same order.
+    A :class:`RangeSink` with a ``hasher`` puts the data bytes in place itself, and every
+    range of :func:`signing.chunks.hash_jobs` is hashed on another thread; every header, the
+    padding and the end of the archive are still read and checked here, by the same strict
+    reader, in the same order. The refusals are those of a sequential pass: when the reader
+    refuses the stream, a bad hash of a member before that point is reported instead, as a
+    sequential pass would have stopped there first.
     """
+    if isinstance(sink, RangeSink) and hasher is not None:
+        try:
+            _stream_members(tar, manifest, sink, limits=limits, progress=progress, hasher=hasher)
+        except (FormatError, PayloadError) as exc:
+            earlier = hasher.first_failure()
+            if earlier is not None and earlier is not exc:
+                raise earlier from None
+            raise
+        hasher.drain()
+        return
+    _stream_members(tar, manifest, sink, limits=limits, progress=progress, hasher=None)
+
+
+def _stream_members(
+    tar: TarReader,
+    manifest: BundleManifest,
+    sink: PayloadSink | RangeSink,
+    *,
+    limits: Limits,
+    progress: Callable[[int], None] | None,
+    hasher: ChunkHasher | None,
+) -> None:
     entries = manifest.entries
     names = {PAYLOAD_PREFIX + e.path: i for i, e in enumerate(entries)}
     seen: set[str] = set()
@@ -147,7 +206,10 @@ def stream_payload(
                 f"bundle: member {quote(header.name)} declares {header.size} bytes, "
                 f"manifest says {entry.size}"
             )
-        _stream_member(tar, entry, sink, limits=limits, progress=progress)
+        if hasher is not None and isinstance(sink, RangeSink):
+            _place_member(tar, entry, sink, progress=progress, hasher=hasher)
+        else:
+            _stream_member(tar, entry, sink, limits=limits, progress=progress)
     header = tar.next_header()
     if header is not None:
         _check_member_name(header, expected=None, position=len(entries), names=names, seen=seen)
@@ -158,28 +220,38 @@ def open_bundle(stream: ReadableStream, limits: Limits) -> TarReader:
     return TarReader(stream, max_trailing_bytes=limits.max_trailing_bytes)
 
 
+def _place_member(
+    tar: TarReader,
+    entry: Entry,
+    sink: RangeSink,
+    *,
+    progress: Callable[[int], None] | None,
+    hasher: ChunkHasher,
+) -> None:
+    sink.begin(entry)
+    settled = None
+    for job in hash_jobs(entry, member=PAYLOAD_PREFIX + entry.path):
+        settled = hasher.submit(job, sink.place(tar, job.length, progress))
+    assert settled is not None  # noqa: S101 - hash_jobs gives every entry at least one job
+    sink.end(entry, settled)
+
+
 def _stream_member(
     tar: TarReader,
     entry: Entry,
-    sink: PayloadSink | CopySink,
+    sink: PayloadSink | RangeSink,
     *,
     limits: Limits,
     progress: Callable[[int], None] | None,
 ) -> None:
-    digest = hashlib.sha256()
+    """One member through the reading thread: read, hash, hand to the sink (a pipe)."""
+    if isinstance(sink, RangeSink):  # pragma: no cover - stream_payload gives it a hasher
+        raise TypeError("a RangeSink needs a ChunkHasher")
+    jobs = hash_jobs(entry, member=PAYLOAD_PREFIX + entry.path)
     sink.begin(entry)
-    remaining = entry.size
-    if isinstance(sink, CopySink):
-        while remaining:
-            stored = sink.take(tar, remaining)
-            length = len(stored)
-            if not 0 < length <= remaining:  # pragma: no cover - a broken sink
-                raise RuntimeError(f"sink took {length} bytes of {remaining}")
-            digest.update(stored)
-            remaining -= length
-            if progress is not None:
-                progress(length)
-    else:
+    for job in jobs:
+        digest = hashlib.sha256()
+        remaining = job.length
         while remaining:
             buffer = sink.buffer()
             length = min(remaining, limits.chunk_bytes, len(buffer))
@@ -191,12 +263,9 @@ def _stream_member(
             remaining -= length
             if progress is not None:
                 progress(length)
-    actual = digest.hexdigest()
-    if actual != entry.sha256:
-        raise PayloadError(
-            f"bundle: member {quote(PAYLOAD_PREFIX + entry.path)} sha256 mismatch "
-            f"(manifest {entry.sha256[:16]}..., payload {actual[:16]}...)"
-        )
+        actual = digest.hexdigest()
+        if actual != job.expected:
+            raise PayloadError(job.mismatch(actual))
     sink.end(entry)
 
 

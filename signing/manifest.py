@@ -34,6 +34,7 @@ from signing.canonical import (
     is_int,
     parse_time,
 )
+from signing.chunks import CHUNK_BYTES, chunk_count
 from signing.errors import FormatError
 from signing.metadata import Signature, parse_signatures, signatures_to_list
 from signing.requirements import HostRequirements
@@ -109,19 +110,35 @@ def check_relative_path(path: object, *, what: str) -> str:
 
 @dataclass(frozen=True)
 class Entry:
-    """One payload file: where it goes in the slot, how big it is, what it hashes to."""
+    """One payload file: where it goes in the slot, how big it is, what it hashes to.
+
+    ``chunks`` lists the sha256 of each ``CHUNK_BYTES`` piece of a file larger than one chunk
+    (signing.chunks): the host checks those, on every core; ``sha256`` names the whole file.
+    Bundles made before chunk hashes have none, and are checked by ``sha256`` alone.
+    """
 
     path: str
     size: int
     sha256: str
     kind: str
+    chunks: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "sha256": self.sha256, "kind": self.kind}
+        fields: dict[str, Any] = {
+            "path": self.path,
+            "size": self.size,
+            "sha256": self.sha256,
+            "kind": self.kind,
+        }
+        if self.chunks:
+            fields["chunks"] = list(self.chunks)
+        return fields
 
     @classmethod
     def from_dict(cls, value: object, *, what: str) -> Entry:
-        obj = _exact_object(value, {"path", "size", "sha256", "kind"}, what=what)
+        obj = _exact_object(
+            value, {"path", "size", "sha256", "kind"}, optional={"chunks"}, what=what
+        )
         path = check_relative_path(obj["path"], what=what)
         size = obj["size"]
         if not is_int(size) or size < 0:
@@ -132,7 +149,30 @@ class Entry:
         kind = obj["kind"]
         if not isinstance(kind, str) or kind not in ENTRY_KINDS:
             raise FormatError(f"{what} {quote(path)}: unknown kind {quote(kind)}")
-        return cls(path=path, size=size, sha256=digest, kind=kind)
+        chunks = obj.get("chunks", [])
+        if not isinstance(chunks, list):
+            raise FormatError(f"{what} {quote(path)}: chunks must be a list")
+        return cls(path=path, size=size, sha256=digest, kind=kind, chunks=tuple(chunks))
+
+    def __post_init__(self) -> None:
+        # Checked here too, so that the builder cannot make what the host would refuse.
+        if not isinstance(self.chunks, tuple):
+            raise FormatError(f"manifest entry {quote(self.path)}: chunks must be a tuple")
+        if not self.chunks:
+            return
+        expected = chunk_count(self.size) if is_int(self.size) else 0
+        if len(self.chunks) != expected:
+            raise FormatError(
+                f"manifest entry {quote(self.path)}: {len(self.chunks)} chunk hashes for "
+                f"{quote(self.size)} bytes, expected {expected} (one per {CHUNK_BYTES} bytes "
+                f"above {CHUNK_BYTES})"
+            )
+        for digest in self.chunks:
+            if not isinstance(digest, str) or not _SHA256_RE.fullmatch(digest):
+                raise FormatError(
+                    f"manifest entry {quote(self.path)}: a chunk hash is not 64 lowercase hex "
+                    f"digits"
+                )
 
 
 @dataclass(frozen=True)

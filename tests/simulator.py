@@ -23,14 +23,17 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
 import tarfile
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Final
+from typing import Any, Final, TypeVar
+
+import pytest
 
 from appliance.installer import Appliance, InstallOptions
 from appliance.slots import SlotInfo
@@ -42,10 +45,13 @@ from signing.bundle import (
     PAYLOAD_PREFIX,
     SIGNATURES_MEMBER,
 )
+from signing.chunks import ChunkedDigest
 from signing.keys import SigningKey
 from signing.manifest import BundleManifest, Entry, EnvironmentSpec, encode_signature_block
 from signing.metadata import BUNDLE_ROLE, ROOT_ROLE, Role, Root, Signature, SignedRoot, sign_root
 from signing.tarstream import BLOCK, padded
+
+T = TypeVar("T")
 
 USTAR_MAGIC: Final = b"ustar\x0000"
 GNU_MAGIC: Final = b"ustar  \x00"
@@ -344,6 +350,7 @@ class BundleSimulator:
                 size=len(data),
                 sha256=hashlib.sha256(data).hexdigest(),
                 kind=_kind(path, model_path),
+                chunks=_chunks(data),
             )
             for path, data in payload.items()
         )
@@ -422,6 +429,13 @@ class BundleSimulator:
         """Shortcut: a valid, threshold-signed bundle of ``version``."""
         manifest, payload = self.manifest(version=version, **kwargs)
         return self.bundle_bytes(manifest, payload)
+
+
+def _chunks(data: bytes) -> tuple[str, ...]:
+    """The chunk hashes the builder writes for a file larger than one chunk."""
+    digest = ChunkedDigest()
+    digest.update(data)
+    return digest.chunks()
 
 
 def _kind(path: str, model_path: str) -> str:
@@ -629,3 +643,28 @@ class PipeSource:
         self._thread.join()
         os.close(self._read_fd)
         self._drained = drained
+
+
+def from_pipe(data: bytes, run: Callable[[], T]) -> T:
+    """``run`` with ``data`` on standard input through a real pipe (``install -``)."""
+    read_fd, write_fd = os.pipe()
+
+    def feed() -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(write_fd, view) :]
+        except BrokenPipeError:
+            pass  # the reader refused and stopped reading
+        finally:
+            os.close(write_fd)
+
+    feeder = threading.Thread(target=feed, name="pipe-feeder", daemon=True)
+    feeder.start()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sys, "stdin", SimpleNamespace(fileno=lambda: read_fd))
+            return run()
+    finally:
+        os.close(read_fd)
+        feeder.join()

@@ -20,14 +20,11 @@ Step numbers (V1-V9, I1-I10) refer to docs/bundle-format.md.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -41,6 +38,7 @@ from simulator import (
     Member,
     PipeSource,
     base256,
+    from_pipe,
     gnu_longname_member,
     header_offsets,
     make_keys,
@@ -183,31 +181,6 @@ def refuse(
 
 def _time(options: InstallOptions) -> dict[str, Any]:
     return {"assume_time": options.assume_time}
-
-
-def from_pipe(data: bytes, run: Callable[[], object]) -> object:
-    """``run`` with ``data`` on standard input through a real pipe (``install -``)."""
-    read_fd, write_fd = os.pipe()
-
-    def feed() -> None:
-        view = memoryview(data)
-        try:
-            while view:
-                view = view[os.write(write_fd, view) :]
-        except BrokenPipeError:
-            pass  # the reader refused and stopped reading
-        finally:
-            os.close(write_fd)
-
-    feeder = threading.Thread(target=feed, name="pipe-feeder", daemon=True)
-    feeder.start()
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(sys, "stdin", SimpleNamespace(fileno=lambda: read_fd))
-            return run()
-    finally:
-        os.close(read_fd)
-        feeder.join()
 
 
 def refuse_stream(

@@ -11,19 +11,18 @@ tests/test_attacks.py runs every attack through both paths.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import os
 import signal
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from simulator import Host, header_offsets
+from simulator import Host, from_pipe, header_offsets
 
 from appliance import staging
 from appliance.installer import Appliance, InstallOptions
@@ -89,30 +88,6 @@ def force_mode(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
         monkeypatch.setattr(os, "copy_file_range", refuse(errno.EXDEV))
     if mode == "read/write":
         monkeypatch.setattr(os, "sendfile", refuse(errno.EINVAL))
-
-
-def from_pipe(data: bytes, run: Callable[[], Any]) -> Any:
-    read_fd, write_fd = os.pipe()
-
-    def feed() -> None:
-        view = memoryview(data)
-        try:
-            while view:
-                view = view[os.write(write_fd, view) :]
-        except BrokenPipeError:
-            pass
-        finally:
-            os.close(write_fd)
-
-    feeder = threading.Thread(target=feed, daemon=True)
-    feeder.start()
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(sys, "stdin", SimpleNamespace(fileno=lambda: read_fd))
-            return run()
-    finally:
-        os.close(read_fd)
-        feeder.join()
 
 
 def install(host: Host, data: bytes, *, limits: Limits | None = None, source: str = "file") -> Any:
@@ -347,17 +322,18 @@ def test_progress_counts_every_payload_byte(host: Host, bundle: bytes, source: s
         app.install(str(host.write(bundle)), OPTIONS, progress=recorder)
     assert recorder.total == sum(len(v) for v in FILES.values())
     assert sum(recorder.advanced) == recorder.total
-    assert max(recorder.advanced) <= SMALL.chunk_bytes
+    assert max(recorder.advanced) <= max(SMALL.chunk_bytes, SMALL.copy_window_bytes)
 
 
 def test_the_copy_sink_holds_one_chunk_whatever_the_window(tmp_path: Path) -> None:
-    """Memory: one buffer of ``chunk_bytes``; the window is copied in the kernel."""
+    """Memory: one buffer of ``chunk_bytes`` (for the read/write fallback); the window is
+    copied in the kernel."""
     with (tmp_path / "src").open("wb") as fh:
         fh.write(b"x")
     fd = os.open(tmp_path / "src", os.O_RDONLY)
     try:
         sink = CopyingSink(tmp_path / "p", fd, Limits(copy_window_bytes=1 << 30))
-        assert len(sink._buffer) == Limits().chunk_bytes
+        assert len(sink._move_view) == Limits().chunk_bytes
     finally:
         os.close(fd)
 
@@ -415,11 +391,11 @@ def test_transfer_refuses_to_go_past_the_member(reader: tuple[TarReader, io.Byte
         tar.transfer(10, lambda count: count + 1)
 
 
-# -- verify of a bundle file: read-ahead ---------------------------------------------------------
+# -- verify of a bundle file: hashed in place on every core ----------------------------------
 
 
-def verify_refusal(host: Host, data: bytes, *, source: str) -> str:
-    app = Appliance(host.root)
+def verify_refusal(host: Host, data: bytes, *, source: str, limits: Limits | None = None) -> str:
+    app = Appliance(host.root, limits=limits)
     with pytest.raises((FormatError, PayloadError)) as info:
         if source == "pipe":
             from_pipe(data, lambda: app.verify("-"))
@@ -428,9 +404,9 @@ def verify_refusal(host: Host, data: bytes, *, source: str) -> str:
     return f"{type(info.value).__name__}: {info.value}"
 
 
-@pytest.mark.parametrize("piece", [1000, 3000, staging.READ_AHEAD_BYTES])
-def test_verify_reads_ahead_from_a_file_and_refuses_as_the_pipe_does(
-    host: Host, bundle: bytes, monkeypatch: pytest.MonkeyPatch, piece: int
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_verify_hashes_a_file_in_place_and_refuses_as_the_pipe_does(
+    host: Host, bundle: bytes, monkeypatch: pytest.MonkeyPatch, threads: int
 ) -> None:
     used: list[str] = []
     real = staging.verify_sink
@@ -442,11 +418,11 @@ def test_verify_reads_ahead_from_a_file_and_refuses_as_the_pipe_does(
         manager.__exit__(None, None, None)
         return real(stream, limits)
 
-    monkeypatch.setattr(staging, "READ_AHEAD_BYTES", piece)
     monkeypatch.setattr(staging, "verify_sink", recording)
-    verified = Appliance(host.root).verify(str(host.write(bundle)))
+    limits = dataclasses.replace(SMALL, hash_threads=threads)
+    verified = Appliance(host.root, limits=limits).verify(str(host.write(bundle)))
     assert verified.manifest.name == "demo"
     for name, data in _cases(bundle).items():
-        streamed = verify_refusal(host, data, source="pipe")
-        assert verify_refusal(host, data, source="file") == streamed, name
-    assert set(used) == {"ReadAheadSink", "DiscardSink"}
+        streamed = verify_refusal(host, data, source="pipe", limits=limits)
+        assert verify_refusal(host, data, source="file", limits=limits) == streamed, name
+    assert set(used) == {"InPlaceSink", "DiscardSink"}
