@@ -29,10 +29,6 @@ class HostLimits:
     """What the bundle reader enforces (head sizes, chunk size and count, kernel-copy window):
     invariant 3, memory independent of bundle size."""
 
-    read_ahead_bytes: int = 1 << 20
-    """``verify`` of a bundle file: the piece a second thread reads ahead while the first
-    hashes (appliance.staging, ``ReadAheadSink``)."""
-
     parity_memory_bytes: int = 64 << 20
     """Rebuilding a bad part from parity holds one stripe of every part twice (what was read
     and what was decoded): the part index's stripe size times the parts must fit in this
