@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance import staging
+from appliance.delta import fill_from_base, find_base
 from appliance.faults import fault
 from appliance.fsutil import atomic_write
 from appliance.hashpool import PoolHasher
@@ -235,11 +236,15 @@ class Appliance:
             elif manifest.requires is not None:
                 checks = check_host(manifest.requires, self.paths.root)
                 require_fit(checks, bundle=f"{manifest.name} {manifest.version}")
+            # I3: a delta bundle needs its exact base installed (appliance.delta).
+            base = find_base(self.slots, manifest)
             # I4: room for the payload, so a full disk is a clear refusal, not a torn write.
+            # A delta's reused files are clones or links of the base slot's: no room needed.
+            needed = manifest.payload_size if base is None else _delta_bytes(manifest)
             free = shutil.disk_usage(self.paths.staging).free
-            if manifest.payload_size > free:
+            if needed > free:
                 raise StateError(
-                    f"not enough space: bundle payload needs {manifest.payload_size} bytes, "
+                    f"not enough space: bundle payload needs {needed} bytes, "
                     f"{free} free in {self.paths.root}"
                 )
             # I5: one pass: every member is stored in staging and its stored bytes hashed; from
@@ -261,6 +266,11 @@ class Appliance:
                         limits=self.limits,
                         progress=progress.advance if progress else None,
                         hasher=hasher,
+                    )
+                # I5b: a delta's other entries from its base slot, checked on every core.
+                if base is not None:
+                    record["delta"] = fill_from_base(
+                        base, manifest, payload_dir, threads=self.limits.hash_threads
                     )
                 fault("after-payload", self.paths.root)
                 # I6: the verified head and the slot's own record, then fsync the tree.
@@ -562,3 +572,9 @@ def _bundle_fields(verified: VerifiedManifest) -> dict[str, Any]:
         "version": verified.manifest.version,
         "signers": sorted(verified.signers),
     }
+
+
+def _delta_bytes(manifest: BundleManifest) -> int:
+    """What a delta writes anew: its carried files and the files rebuilt from patches."""
+    patched = {p.path for p in manifest.delta.patches} if manifest.delta else set()
+    return manifest.carried_size + sum(e.size for e in manifest.entries if e.path in patched)

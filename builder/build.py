@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Protocol
 
 from appliance.console import Progress
+from builder.delta import plan_delta, read_base
 from builder.environment import prepare_environment, resolve_model
-from builder.evalset import evaluation_payload
 from builder.hostreqs import host_requirements
 from builder.memtable import model_memory
 from builder.pack import (
@@ -111,15 +111,18 @@ def build_bundle(
     lock: bool = False,
     jobs: int = 8,
     eval_python: Path | None = None,
+    base: Path | None = None,
     say: Callable[[str], None] = lambda _: None,
 ) -> BundleManifest:
+    """Build RECIPE into ``out``; with ``base`` (a bundle or its manifest), a delta bundle
+    that carries only what the base does not have (builder.delta)."""
     recipe, _ = load_recipe(recipe_path)
+    base_bundle = read_base(base) if base is not None else None
     created = build_time()
     with tempfile.TemporaryDirectory(prefix="appliance-build-") as tmp:
         work = Path(tmp)
         model = resolve_model(recipe, work=work, eval_python=eval_python, say=say)
         files, model_path = collect_payload(recipe_path, model.source_path, model.digests)
-        files += evaluation_payload(recipe.evaluation, work=work)  # eval/ (builder.evalset)
         env = prepare_environment(recipe_path, recipe, work=work, lock=lock, jobs=jobs, say=say)
         if env is not None:
             files += env.files
@@ -142,6 +145,18 @@ def build_bundle(
         sbom_file = PayloadFile(SBOM_ENTRY, sbom, "sbom")
         files.append(sbom_file)
         records[SBOM_ENTRY] = _record(sbom_file)
+        delta = None
+        if base_bundle is not None:
+            delta, patch_files = plan_delta(
+                base_bundle,
+                name=recipe.bundle.name,
+                files=files,
+                entries={f.entry_path: _entry(f, records[f.entry_path]) for f in files},
+                work=work,
+                say=say,
+            )
+            files += patch_files
+            records |= {f.entry_path: _record(f) for f in patch_files}
         files.sort(key=lambda f: f.entry_path)
         for f in files:
             check_relative_path(f.entry_path, what="payload file")
@@ -160,19 +175,16 @@ def build_bundle(
             expires=created + timedelta(days=recipe.bundle.valid_days),
             runtime=recipe.runtime_settings(),
             model_path=model_path,
-            entries=tuple(
-                Entry(path=f.entry_path, size=r.size, sha256=r.sha256, kind=f.kind, chunks=r.chunks)
-                for f in files
-                for r in (records[f.entry_path],)
-            ),
+            entries=tuple(_entry(f, records[f.entry_path]) for f in files),
             environment=env.spec if env else None,
             model_source=model.source,
             requires=requires,
             model_pipeline=model.pipeline,
+            delta=delta,
         )
         signatures = sign_manifest(manifest.to_bytes(), keys)
         with progress_factory() if progress_factory else _NoBar() as bar:
-            bar.start(manifest.payload_size, "writing bundle")
+            bar.start(manifest.carried_size, "writing bundle")
             write_bundle(
                 out,
                 manifest,
@@ -182,6 +194,10 @@ def build_bundle(
                 progress=bar.advance,
             )
     return manifest
+
+
+def _entry(f: PayloadFile, r: FileRecord) -> Entry:
+    return Entry(path=f.entry_path, size=r.size, sha256=r.sha256, kind=f.kind, chunks=r.chunks)
 
 
 def _record(f: PayloadFile) -> FileRecord:

@@ -221,6 +221,11 @@ def root_fingerprint(root_json: Path) -> None:
     help="Interpreter whose llama-cpp-python measures a quantised model's KL-divergence "
     "(default: this one).",
 )
+@click.option(
+    "--base",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Build a delta: carry only what this earlier bundle (or its manifest.json) lacks.",
+)
 @_passphrase_option
 def build(
     recipe: Path,
@@ -230,6 +235,7 @@ def build(
     lock_first: bool,
     jobs: int,
     eval_python: Path | None,
+    base: Path | None,
     passphrase: str | None,
 ) -> None:
     """Build a deterministic bundle from RECIPE: lock, fetch by hash, sign, write one tar."""
@@ -246,6 +252,7 @@ def build(
         lock=lock_first,
         jobs=jobs,
         eval_python=eval_python,
+        base=base,
         say=_say,
         progress_factory=ByteProgress,
     )
@@ -253,6 +260,10 @@ def build(
         f"wrote {output}: {manifest.name} {manifest.version}, {len(manifest.entries)} "
         f"files, {manifest.payload_size} bytes, {len(signing_keys)} signature(s)"
     )
+    if manifest.delta is not None:
+        from builder.delta import describe  # noqa: PLC0415 - as build_bundle
+
+        click.echo(describe(manifest))
 
 
 @cli.command()
@@ -348,11 +359,17 @@ def inspect(bundle: Path, root_json: Path | None, as_json: bool) -> None:
     for e in manifest.entries:
         if e.kind in ("lock", "sbom"):
             click.echo(f"{e.kind:<8} {e.path}  sha256 {e.sha256[:16]}")
+    if manifest.delta is not None:
+        from builder.delta import describe  # noqa: PLC0415 - only for deltas
+
+        click.echo(f"delta    {describe(manifest).removeprefix('delta ')}")
     click.echo(f"signed   {len(signatures)}: {', '.join(s.keyid[:12] for s in signatures)}")
     if "verified_signers" in info:
         click.echo(f"verified {len(info['verified_signers'])} signature(s) against {root_json}")
+    skipped = manifest.delta.not_carried if manifest.delta is not None else frozenset()
     for e in manifest.entries:
-        click.echo(f"  {e.sha256[:12]}  {e.size:>12}  {e.kind:<7} {e.path}")
+        where = "  (from base)" if e.path in skipped else ""
+        click.echo(f"  {e.sha256[:12]}  {e.size:>12}  {e.kind:<7} {e.path}{where}")
 
 
 @cli.command()

@@ -95,7 +95,7 @@ def write_bundle(
             _write_member(fh, MANIFEST_MEMBER, manifest.to_bytes())
             block = encode_signature_block(signatures, space=signature_space)
             _write_member(fh, SIGNATURES_MEMBER, block)
-            for entry in manifest.entries:
+            for entry in manifest.carried_entries:  # a delta's others are in its base
                 source = sources[entry.path]
                 fh.write(tar_header(PAYLOAD_PREFIX + entry.path, entry.size))
                 digest = _copy_file(source, fh, entry.size, progress)

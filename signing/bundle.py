@@ -189,7 +189,7 @@ def _stream_members(
     progress: Callable[[int], None] | None,
     hasher: ChunkHasher | None,
 ) -> None:
-    entries = manifest.entries
+    entries = manifest.carried_entries  # a delta's others come from its base slot
     names = {PAYLOAD_PREFIX + e.path: i for i, e in enumerate(entries)}
     seen: set[str] = set()
     for position, entry in enumerate(entries):

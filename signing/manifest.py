@@ -358,6 +358,102 @@ class ModelPipeline:
 
 
 @dataclass(frozen=True)
+class DeltaPatch:
+    """An entry the host rebuilds from a file of the base slot: ``patch`` (a carried entry,
+    signing.patchformat) says which bytes of the base file to copy and which to take from
+    ``literal`` (a carried entry); the result must hash to the target entry's digests."""
+
+    path: str
+    patch: str
+    literal: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "patch": self.patch, "literal": self.literal}
+
+
+@dataclass(frozen=True)
+class DeltaSpec:
+    """A delta bundle (format section 2.5): it carries only what its base lacks.
+
+    The manifest's entries still describe the complete new slot. ``reuse`` lists entries that
+    are not in the payload: the host takes each from the base slot by its sha256 and checks
+    it. ``patches`` lists entries rebuilt from a base file and a carried patch. The base is
+    named by its name, version and state sha256 (:meth:`BundleManifest.state_sha256`): only
+    a slot with exactly that content will do, whether it came from a complete bundle or from
+    a delta.
+    """
+
+    base_name: str
+    base_version: str
+    base_state_sha256: str
+    reuse: tuple[str, ...] = ()
+    patches: tuple[DeltaPatch, ...] = ()
+
+    def __post_init__(self) -> None:
+        what = "manifest delta"
+        if not isinstance(self.base_name, str) or not _NAME_RE.fullmatch(self.base_name):
+            raise FormatError(f"{what}: base name {quote(self.base_name)} is not a bundle name")
+        BundleManifest.parse_version(self.base_version)
+        digest = self.base_state_sha256
+        if not isinstance(digest, str) or not _SHA256_RE.fullmatch(digest):
+            raise FormatError(f"{what}: base state_sha256 must be 64 lowercase hex digits")
+        if not isinstance(self.reuse, tuple) or not isinstance(self.patches, tuple):
+            raise FormatError(f"{what}: reuse and patches must be lists")
+        for path in self.reuse:
+            check_relative_path(path, what=f"{what} reuse")
+        if list(self.reuse) != sorted(set(self.reuse)):
+            raise FormatError(f"{what}: reuse must be sorted, without duplicates")
+        for patch in self.patches:
+            if not isinstance(patch, DeltaPatch):
+                raise FormatError(f"{what}: a patch must be a DeltaPatch")
+            for name in (patch.path, patch.patch, patch.literal):
+                check_relative_path(name, what=f"{what} patch")
+        targets = [p.path for p in self.patches]
+        if targets != sorted(set(targets)):
+            raise FormatError(f"{what}: patches must be sorted by path, without duplicates")
+
+    @property
+    def not_carried(self) -> frozenset[str]:
+        """The entries that are not in the payload: reused, or rebuilt from a patch."""
+        return frozenset(self.reuse) | {p.path for p in self.patches}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base": {
+                "name": self.base_name,
+                "version": self.base_version,
+                "state_sha256": self.base_state_sha256,
+            },
+            "reuse": list(self.reuse),
+            "patches": [p.to_dict() for p in self.patches],
+        }
+
+    @classmethod
+    def from_dict(cls, value: object) -> DeltaSpec:
+        what = "manifest delta"
+        obj = _exact_object(value, {"base", "reuse", "patches"}, what=what)
+        base = _exact_object(obj["base"], {"name", "version", "state_sha256"}, what=what)
+        if not isinstance(base["version"], str):
+            raise FormatError(f"{what}: base version must be a string")
+        reuse, patches = obj["reuse"], obj["patches"]
+        if not isinstance(reuse, list) or not isinstance(patches, list):
+            raise FormatError(f"{what}: reuse and patches must be lists")
+        if len(reuse) + len(patches) > MAX_ENTRIES:
+            raise FormatError(f"{what}: more than {MAX_ENTRIES} entries")
+        parsed = []
+        for item in patches:
+            fields = _exact_object(item, {"path", "patch", "literal"}, what=f"{what} patch")
+            parsed.append(DeltaPatch(fields["path"], fields["patch"], fields["literal"]))
+        return cls(
+            base_name=base["name"],
+            base_version=base["version"],
+            base_state_sha256=base["state_sha256"],
+            reuse=tuple(reuse),
+            patches=tuple(parsed),
+        )
+
+
+@dataclass(frozen=True)
 class BundleManifest:
     """What a threshold of bundle keys vouches for: identity, validity and every payload byte."""
 
@@ -374,6 +470,8 @@ class BundleManifest:
     requires: HostRequirements | None = None
     # How the model was converted and quantised (builder.convert); None for a ready model.
     model_pipeline: ModelPipeline | None = None
+    # A delta bundle's base and what it takes from it (format section 2.5); None: complete.
+    delta: DeltaSpec | None = None
     _parsed_version: Version = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -404,7 +502,11 @@ class BundleManifest:
             raise FormatError("manifest: requires must be a HostRequirements")
         if self.model_pipeline is not None and not isinstance(self.model_pipeline, ModelPipeline):
             raise FormatError("manifest: model.pipeline must be a ModelPipeline")
+        if self.delta is not None and not isinstance(self.delta, DeltaSpec):
+            raise FormatError("manifest: delta must be a DeltaSpec")
         _check_entries(self.entries)
+        if self.delta is not None:
+            _check_delta(self.delta, self.entries)
         if not any(
             e.path == self.model_path or e.path.startswith(self.model_path + "/")
             for e in self.entries
@@ -441,7 +543,21 @@ class BundleManifest:
 
     @property
     def payload_size(self) -> int:
+        """The bytes of the complete slot's payload."""
         return sum(e.size for e in self.entries)
+
+    @property
+    def carried_entries(self) -> tuple[Entry, ...]:
+        """The entries whose bytes are in the bundle's payload, in order: all of them, but
+        for a delta those taken from its base."""
+        if self.delta is None:
+            return self.entries
+        skip = self.delta.not_carried
+        return tuple(e for e in self.entries if e.path not in skip)
+
+    @property
+    def carried_size(self) -> int:
+        return sum(e.size for e in self.carried_entries)
 
     def is_expired(self, now: datetime) -> bool:
         return now >= self.expires
@@ -460,6 +576,7 @@ class BundleManifest:
         } | (
             ({"environment": self.environment.to_dict()} if self.environment else {})
             | ({"requires": self.requires.to_dict()} if self.requires is not None else {})
+            | ({"delta": self.delta.to_dict()} if self.delta is not None else {})
         )
 
     def _model_dict(self) -> dict[str, Any]:
@@ -477,11 +594,22 @@ class BundleManifest:
     def sha256(self) -> str:
         return hashlib.sha256(self.to_bytes()).hexdigest()
 
+    def state_sha256(self) -> str:
+        """The digest of the slot this manifest describes, however it was delivered: the
+        manifest without its delta section and without the delta's patch files. A complete
+        bundle and a delta of the same build have the same state, so either is a base."""
+        state = self.to_dict()
+        if self.delta is not None:
+            del state["delta"]
+            carried = {f for p in self.delta.patches for f in (p.patch, p.literal)}
+            state["entries"] = [e for e in state["entries"] if e["path"] not in carried]
+        return hashlib.sha256(encode_canonical(state)).hexdigest()
+
     @classmethod
     def from_bytes(cls, data: bytes) -> BundleManifest:
         obj = _exact_object(
             decode_canonical(data, what="manifest"),
-            optional={"environment", "requires"},
+            optional={"environment", "requires", "delta"},
             keys={
                 "_type",
                 "format_version",
@@ -541,6 +669,7 @@ class BundleManifest:
             model_pipeline=(
                 ModelPipeline.from_dict(model["pipeline"]) if "pipeline" in model else None
             ),
+            delta=DeltaSpec.from_dict(obj["delta"]) if "delta" in obj else None,
         )
 
 
@@ -581,6 +710,25 @@ def _check_entries(entries: tuple[Entry, ...]) -> None:
             if "/".join(parts[:i]) in names:
                 raise FormatError(
                     f"manifest: entry {quote('/'.join(parts[:i]))} is also a directory"
+                )
+
+
+def _check_delta(delta: DeltaSpec, entries: tuple[Entry, ...]) -> None:
+    """Every path a delta names is an entry; a patch and its literal are carried, and no
+    entry is both reused and patched."""
+    paths = {e.path for e in entries}
+    for path in (*delta.reuse, *(p.path for p in delta.patches)):
+        if path not in paths:
+            raise FormatError(f"manifest delta: {quote(path)} names no entry")
+    overlap = set(delta.reuse) & {p.path for p in delta.patches}
+    if overlap:
+        raise FormatError(f"manifest delta: {quote(min(overlap))} is both reused and patched")
+    skipped = delta.not_carried
+    for patch in delta.patches:
+        for carried in (patch.patch, patch.literal):
+            if carried not in paths or carried in skipped:
+                raise FormatError(
+                    f"manifest delta: patch file {quote(carried)} is not a carried entry"
                 )
 
 
