@@ -150,8 +150,9 @@ def _rattler_create(slot: SlotPaths, packages: Path, listed: Sequence[_CondaPack
     records = _records_from_repodata(rattler, packages, channel, listed)
     if records is None:
         records = _records_from_packages(rattler, packages, channel, listed)
-    target = slot.env
-    final = slot.committed.env
+    # The shared environment the slot's env links to (appliance.envsetup): its path is final,
+    # so text files get it as their prefix, whichever slots use the environment.
+    target = slot.env.resolve()
     try:
         _await(
             rattler.install(
@@ -160,8 +161,6 @@ def _rattler_create(slot: SlotPaths, packages: Path, listed: Sequence[_CondaPack
                 cache_dir=slot.env_cache,
                 execute_link_scripts=False,
                 show_progress=False,
-                # Text files get the prefix the env will have once the slot is committed.
-                alternative_target_prefix=final if final != target else None,
             )
         )
     except Exception as exc:  # noqa: BLE001 - py-rattler's exceptions derive from Exception

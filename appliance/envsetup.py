@@ -18,7 +18,9 @@ module; the installer then removes the staging slot.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
+import json
 import os
 import site
 import subprocess
@@ -28,18 +30,28 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from appliance.fsutil import remove_tree
 from appliance.limits import HOST_LIMITS
 from appliance.slots import ENV_DIR, SlotPaths
 from signing.bounded import one_line
+from signing.canonical import encode_canonical
 from signing.errors import EnvironmentSetupError
 from signing.manifest import BundleManifest
 
 PTH_NAME: Final = "_appliance_host.pth"
+# Written last into a shared environment: only a complete one is reused.
+COMPLETE_MARKER: Final = ".appliance-complete"
 
 
 def setup_environment(slot: Path, manifest: BundleManifest) -> dict[str, Any]:
-    """Set up ``manifest.environment`` in ``slot/env``; return a summary for the audit log:
-    ``{"type": "pip" | "conda", "packages": N, "milliseconds": T}``."""
+    """Set up ``manifest.environment`` for ``slot``; return a summary for the audit log:
+    ``{"type": "pip" | "conda", "packages": N, "milliseconds": T, "key": K, "reused": B}``.
+
+    Environments are shared by key (:func:`environment_key`): the slot's ``env`` is a link to
+    ``ROOT/envs/<key>``. An environment made complete by an earlier install is reused as it is
+    (its smoke imports run again); otherwise it is made there, and marked complete last, so
+    that one left half made by a crash is made again, never reused.
+    """
     spec = manifest.environment
     if spec is None:
         raise EnvironmentSetupError(f"{slot.name}: the bundle has no environment to set up")
@@ -52,22 +64,90 @@ def setup_environment(slot: Path, manifest: BundleManifest) -> dict[str, Any]:
     paths = SlotPaths(slot)
     if paths.env.exists() or paths.env.is_symlink():
         raise EnvironmentSetupError(f"{slot.name}: {ENV_DIR}/ exists already (a payload entry?)")
-    # Imported here, not at the top: both build on this module's child-process helpers.
-    if spec.type == "pip":
-        from appliance.pipsetup import setup_pip  # noqa: PLC0415
-
-        packages = setup_pip(paths, spec)
+    key = environment_key(paths, manifest)
+    shared, target = paths.shared_env(key)
+    marker = shared / COMPLETE_MARKER
+    reused = marker.is_file()
+    if reused:
+        paths.env.symlink_to(target)
+        packages = _recorded_packages(marker)
+        _smoke(paths, manifest)
     else:
-        from appliance.condasetup import setup_conda  # noqa: PLC0415
-
-        packages = setup_conda(paths, manifest, spec)
+        remove_tree(shared)  # a crash may have left it half made
+        shared.mkdir(parents=True)
+        paths.env.symlink_to(target)
+        try:
+            packages = _make(paths, manifest)
+            _write_marker(marker, packages)
+        except BaseException:
+            remove_tree(shared)
+            raise
     _sync_filesystem(slot)
     return {
         "type": spec.type,
         "packages": packages,
         # The audit log's canonical JSON has no floats: whole milliseconds.
         "milliseconds": round((time.monotonic() - started) * 1000),
+        "key": key[:16],
+        "reused": reused,
     }
+
+
+def environment_key(paths: SlotPaths, manifest: BundleManifest) -> str:
+    """What an environment is made of: the environment spec, the install list (which pins
+    every package by sha256), and this appliance's interpreter, which a venv builds on."""
+    spec = manifest.environment
+    if spec is None:  # pragma: no cover - setup_environment checks first
+        raise EnvironmentSetupError("the bundle has no environment")
+    pinned = {e.path: e.sha256 for e in manifest.entries}
+    facts = {
+        "spec": spec.to_dict(),
+        "install_list": pinned.get(spec.install_list, ""),
+        "python": sys.version,
+        "executable": os.path.realpath(sys.executable),
+    }
+    return hashlib.sha256(encode_canonical(facts)).hexdigest()
+
+
+def _make(paths: SlotPaths, manifest: BundleManifest) -> int:
+    spec = manifest.environment
+    assert spec is not None  # noqa: S101 - setup_environment checks first
+    # Imported here, not at the top: both build on this module's child-process helpers.
+    if spec.type == "pip":
+        from appliance.pipsetup import setup_pip  # noqa: PLC0415
+
+        return setup_pip(paths, spec)
+    from appliance.condasetup import setup_conda  # noqa: PLC0415
+
+    return setup_conda(paths, manifest, spec)
+
+
+def _smoke(paths: SlotPaths, manifest: BundleManifest) -> None:
+    """A reused environment's smoke imports, run again: it may have been damaged since."""
+    spec = manifest.environment
+    if spec is None or not spec.smoke_imports or not paths.env_python.exists():
+        return
+    error = smoke_imports([str(paths.env_python)], spec.smoke_imports)
+    if error is not None:
+        raise EnvironmentSetupError(
+            f"the shared environment {paths.env.readlink().name[:16]} "
+            f"fails its smoke imports: {error}"
+        )
+
+
+def _write_marker(marker: Path, packages: int) -> None:
+    with marker.open("w", encoding="utf-8") as fh:
+        fh.write(json.dumps({"packages": packages}) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _recorded_packages(marker: Path) -> int:
+    try:
+        value = json.loads(marker.read_text(encoding="utf-8")).get("packages", 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return value if isinstance(value, int) else 0
 
 
 # -- child processes ----------------------------------------------------------------------------

@@ -54,7 +54,8 @@ def setup_pip(slot: SlotPaths, spec: EnvironmentSpec) -> int:
     from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
 
     try:
-        venv.EnvBuilder(with_pip=False, symlinks=os.name != "nt").create(slot.env)
+        # At the shared environment's own path (appliance.envsetup), which stays.
+        venv.EnvBuilder(with_pip=False, symlinks=os.name != "nt").create(slot.env.resolve())
     except (OSError, subprocess.CalledProcessError) as exc:
         raise EnvironmentSetupError(f"cannot create the venv {ENV_DIR}/: {exc}") from None
     python = slot.env_python
@@ -110,7 +111,9 @@ def setup_pip(slot: SlotPaths, spec: EnvironmentSpec) -> int:
     if smoke_error is not None:
         raise EnvironmentSetupError(smoke_error)
     write_host_pth(site_packages)
-    _relocate_scripts(slot.env_bin, old=slot.env, new=slot.committed.env)
+    # The shared environment's own path (appliance.envsetup): every slot that links it, and
+    # it outlives any one of them.
+    _relocate_scripts(slot.env_bin, old=slot.env, new=slot.env.resolve())
     return len(requirements)
 
 

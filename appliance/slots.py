@@ -12,6 +12,8 @@ default /var/lib/appliance)::
     state.json               highest version per bundle name, time floor, next slot number
     slots/<seq>-<name>-<ver> verified, complete slots
     current -> slots/...     the active slot (a symlink, switched by rename)
+    envs/<key>/              package environments, shared by the slots whose bundles pin the
+                             same packages (key: appliance.envsetup.environment_key)
     staging/, trash/         work in progress; removed by recovery after a crash
     quarantine/              stray entries of slots/ set aside by 'appliance repair'
     lock                     flock held by state-changing operations
@@ -22,7 +24,7 @@ and one slot::
     slot.json                the slot's own record (seq, name, version, signers, times)
     bundle/manifest.json     the verified manifest, bundle/signatures.json its signatures
     payload/...              the payload files, as the manifest lists them
-    env/                     the package environment set up in step I7, if the bundle has one
+    env -> ../../envs/<key>  the package environment set up in step I7, if the bundle has one
     cpu-variant.json         the llama.cpp CPU variant this host can execute, chosen by the
                              health check (appliance.runtime.cpuvariant); absent otherwise
 
@@ -65,6 +67,7 @@ SLOT_META: Final = "slot.json"
 BUNDLE_DIR: Final = "bundle"
 PAYLOAD_DIR: Final = "payload"
 ENV_DIR: Final = "env"
+ENVS_DIR: Final = "envs"
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,10 @@ class HostPaths:
     @property
     def trash(self) -> Path:
         return self.root / "trash"
+
+    @property
+    def envs(self) -> Path:
+        return self.root / ENVS_DIR
 
     @property
     def quarantine(self) -> Path:
@@ -170,6 +177,11 @@ class SlotPaths:
     @property
     def env(self) -> Path:
         return self.path / ENV_DIR
+
+    def shared_env(self, key: str) -> tuple[Path, Path]:
+        """The shared environment ``key`` (``ROOT/envs/<key>``) and the relative target that
+        the slot's ``env`` link names: the same from ``staging/<id>`` and ``slots/<id>``."""
+        return self.path.parent.parent / ENVS_DIR / key, Path("..", "..", ENVS_DIR, key)
 
     @property
     def env_bin(self) -> Path:
@@ -401,6 +413,31 @@ class SlotStore:
             slot.path.rename(trash)
             fsync_dir(self._paths.slots)
             remove_tree(trash)
+        if removed:
+            self.remove_unused_envs()
+        return removed
+
+    def remove_unused_envs(self) -> builtins.list[str]:
+        """Remove the shared environments that no slot (nor a staging slot) links to."""
+        envs = self._paths.envs
+        if not envs.is_dir():
+            return []
+        used = set()
+        for directory in (self._paths.slots, self._paths.staging):
+            for slot in directory.iterdir() if directory.is_dir() else ():
+                link = SlotPaths(slot).env
+                if link.is_symlink():
+                    used.add(link.readlink().name)
+        removed = []
+        for env in envs.iterdir():
+            if env.name not in used:
+                trash = self._paths.trash / f"env-{env.name}"
+                remove_tree(trash)
+                env.rename(trash)
+                remove_tree(trash)
+                removed.append(env.name)
+        if removed:
+            fsync_dir(envs)
         return removed
 
     def set_aside(self, entry: Path) -> str:
@@ -438,4 +475,6 @@ class SlotStore:
         for directory in (self._paths.root, self._paths.trust, self._paths.root_history):
             if directory.is_dir():
                 remove_temporaries(directory)
+        # An environment no slot links to was left by a crash during I7 (or by an old slot).
+        leftovers += [f"envs/{name}" for name in self.remove_unused_envs()]
         return leftovers

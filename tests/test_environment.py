@@ -183,18 +183,57 @@ def test_pip_env_is_installed_in_the_slot(host: Host, wheels: dict[str, Path]) -
     order = run_python(python, "import sys; print('\\n'.join(sys.path))").splitlines()
     host_site = next(p for p in sys.path if p.endswith("site-packages"))
     assert order.index(str(site)) < order.index(host_site)
-    # Scripts point at the committed slot, not at staging/ (gone since the rename).
+    # Scripts point at the shared environment itself, not at staging/ (gone since the rename)
+    # nor at this slot (the environment may outlive it).
     script = env / "bin" / "alpha-tool"
     shebang = script.read_text().splitlines()[0]
-    assert shebang == f"#!{env}/bin/python"
+    assert shebang == f"#!{env.resolve()}/bin/python"
+    assert env.resolve().parent == host.root / "envs"
     tool = subprocess.run([shebang[2:], script], capture_output=True, text=True)
     assert tool.stdout.strip() == "alpha-tool 1.0", tool.stderr
     assert sorted(p.name for p in slot.path.iterdir()) == ["bundle", "env", "payload", "slot.json"]
     record = host.last_audit()
     assert record["outcome"] == "ok"
     summary = record["environment"]
-    assert (summary["type"], summary["packages"]) == ("pip", 2)
+    assert (summary["type"], summary["packages"], summary["reused"]) == ("pip", 2, False)
     assert isinstance(summary["milliseconds"], int)
+
+
+def test_an_unchanged_environment_is_shared_not_reinstalled(
+    host: Host, wheels: dict[str, Path]
+) -> None:
+    """Two versions that pin the same wheels share one environment (by its key); a third
+    with other wheels gets its own; when the slots that used one are gone, so is it."""
+    both = [wheels["alpha"], wheels["beta"]]
+    first = host.install(pip_bundle(host.sim, both, smoke=["alpha"]))
+    made = host.last_audit()["environment"]
+    second = host.install(pip_bundle(host.sim, both, version="1.1.0", smoke=["alpha"]))
+    reused = host.last_audit()["environment"]
+    assert (made["reused"], reused["reused"]) == (False, True)
+    assert reused["key"] == made["key"] and reused["packages"] == 2
+    shared = (first.path / "env").resolve()
+    assert (second.path / "env").resolve() == shared
+    assert run_python(second.path / "env" / "bin" / "python", "import alpha; print('ok')") == "ok"
+    # Other wheels: another environment. Keeping only the newest slot removes the first one.
+    third = host.install(
+        pip_bundle(host.sim, [wheels["beta"]], version="1.2.0"),
+        InstallOptions(skip_health_check=True, keep=1),
+    )
+    assert host.last_audit()["environment"]["reused"] is False
+    assert [p.name for p in (host.root / "envs").iterdir()] == [(third.path / "env").resolve().name]
+    assert not shared.exists()
+
+
+def test_a_half_made_shared_environment_is_made_again(host: Host, wheels: dict[str, Path]) -> None:
+    """A crash during I7 leaves an environment without its completion mark: never reused."""
+    bundle = pip_bundle(host.sim, [wheels["beta"]], smoke=["beta"])
+    slot = host.install(bundle)
+    shared = (slot.path / "env").resolve()
+    (shared / ".appliance-complete").unlink()
+    (shared / "bin" / "python").unlink()  # and it is broken
+    again = host.install(pip_bundle(host.sim, [wheels["beta"]], version="1.1.0", smoke=["beta"]))
+    assert host.last_audit()["environment"]["reused"] is False
+    assert run_python(again.path / "env" / "bin" / "python", "import beta; print('ok')") == "ok"
 
 
 def test_a_wheel_missing_from_the_bundle_is_named(host: Host, wheels: dict[str, Path]) -> None:
