@@ -48,10 +48,17 @@ def find_base(slots: SlotStore, manifest: BundleManifest) -> SlotInfo | None:
         if state == delta.base_state_sha256:
             return slot
     have = ", ".join(f"{s.name} {s.version} (state {d[:16]}...)" for s, d in states) or "no slot"
+    weights = ""
+    if manifest.model_adapters:  # an adapter-only update: say which weights it fits
+        model = next(e for e in manifest.entries if e.path == manifest.model_path)
+        weights = (
+            f"; its adapters need the base weights {manifest.model_path} "
+            f"(sha256 {model.sha256[:16]}...)"
+        )
     raise PolicyError(
         f"delta bundle {manifest.name} {manifest.version} needs its base "
         f"{delta.base_name} {delta.base_version} (state {delta.base_state_sha256[:16]}...) "
-        f"installed; this host has {have}; install the complete bundle instead"
+        f"installed; this host has {have}{weights}; install the complete bundle instead"
     )
 
 
@@ -93,20 +100,25 @@ def fill_from_base(
             ways[way] = ways.get(way, 0) + 1
             placed.append(entry)
         if delta.patches:
-            from appliance.patching import apply_patch  # type: ignore[import-not-found]  # noqa: PLC0415
+            from appliance.patching import apply_patch  # noqa: PLC0415 - deltas with patches
 
             for patch in delta.patches:
                 entry = entries[patch.path]
                 target = payload_dir / patch.path
                 target.parent.mkdir(parents=True, exist_ok=True)
-                apply_patch(
-                    patch=payload_dir / patch.patch,
-                    literal=payload_dir / patch.literal,
-                    base_files={
-                        e.sha256: base_paths.payload / e.path for e in base_manifest.entries
-                    },
-                    output=target,
-                )
+                try:
+                    apply_patch(
+                        patch=payload_dir / patch.patch,
+                        literal=payload_dir / patch.literal,
+                        base_files={d: base_paths.payload / e.path for d, e in by_digest.items()},
+                        output=target,
+                    )
+                except IntegrityError as exc:  # the base file is not what the patch needs
+                    raise IntegrityError(
+                        f"delta: {quote(patch.path)} cannot be rebuilt from base slot {base.id}: "
+                        f"{_tail(exc.diagnostics())}; the base slot is damaged: install the "
+                        "complete bundle"
+                    ) from None
                 placed.append(entry)
         _check(placed, payload_dir, threads=threads)
     except PayloadError as exc:
@@ -119,6 +131,12 @@ def fill_from_base(
             f"delta: cannot take files from base slot {base.id}: {exc.strerror}"
         ) from None
     return _summary(manifest, delta, base, ways)
+
+
+def _tail(message: str) -> str:
+    """A refusal without the host path it starts with (``base /var/lib/... does not match``)."""
+    _, _, rest = message.partition(" does not match: ")
+    return f"the base file does not match: {rest}" if rest else message
 
 
 def _check(placed: list[Entry], payload_dir: Path, *, threads: int) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from appliance.console import Progress
+from builder.adapters import adapter_files, bind_adapters
 from builder.delta import plan_delta, read_base
 from builder.environment import prepare_environment, resolve_model
 from builder.hostreqs import host_requirements
@@ -123,10 +124,13 @@ def build_bundle(
         work = Path(tmp)
         model = resolve_model(recipe, work=work, eval_python=eval_python, say=say)
         files, model_path = collect_payload(recipe_path, model.source_path, model.digests)
+        lora = adapter_files(recipe, model_path)  # adapters/ (builder.adapters)
+        files += lora
         env = prepare_environment(recipe_path, recipe, work=work, lock=lock, jobs=jobs, say=say)
         if env is not None:
             files += env.files
         records = {f.entry_path: _record(f) for f in files}
+        adapters = bind_adapters(recipe, lora, records, model_path)
         sbom = work / SBOM_ENTRY
         sbom.write_bytes(
             make_sbom(
@@ -150,6 +154,7 @@ def build_bundle(
             delta, patch_files = plan_delta(
                 base_bundle,
                 name=recipe.bundle.name,
+                model_path=model_path,
                 files=files,
                 entries={f.entry_path: _entry(f, records[f.entry_path]) for f in files},
                 work=work,
@@ -181,6 +186,7 @@ def build_bundle(
             requires=requires,
             model_pipeline=model.pipeline,
             delta=delta,
+            model_adapters=adapters,
         )
         signatures = sign_manifest(manifest.to_bytes(), keys)
         with progress_factory() if progress_factory else _NoBar() as bar:

@@ -106,6 +106,7 @@ def plan_delta(
     base: BaseBundle,
     *,
     name: str,
+    model_path: str,
     files: Sequence[PayloadFile],
     entries: dict[str, Entry],
     work: Path,
@@ -125,7 +126,7 @@ def plan_delta(
         entry = entries[f.entry_path]
         if entry.sha256 in held or not f.entry_path.endswith(".gguf") or base.bundle is None:
             continue
-        made = _gguf_patch(base, f, entry, work=work, say=say)
+        made = _gguf_patch(base, f, entry, model_path=model_path, work=work, say=say)
         if made is not None:
             patch, added = made
             patches.append(patch)
@@ -141,23 +142,32 @@ def plan_delta(
 
 
 def _gguf_patch(
-    base: BaseBundle, f: PayloadFile, entry: Entry, *, work: Path, say: Callable[[str], None]
+    base: BaseBundle,
+    f: PayloadFile,
+    entry: Entry,
+    *,
+    model_path: str,
+    work: Path,
+    say: Callable[[str], None],
 ) -> tuple[DeltaPatch, list[PayloadFile]] | None:
-    """A per-tensor patch of ``entry`` against the base's GGUF at the same path (else its
-    model GGUF), when it carries less than ``PATCH_WORTH`` of the file."""
-    candidates = [e for e in base.manifest.entries if e.path.endswith(".gguf")]
-    same = [e for e in candidates if e.path == entry.path]
-    source = same[0] if same else candidates[0] if candidates else None
+    """A per-tensor patch of ``entry`` against a GGUF of the base, when it carries less than
+    ``PATCH_WORTH`` of the file."""
+    # The base file at the same path, else, for the model file, the base's model file (a new
+    # quantisation or a renamed file); an adapter or another GGUF is never diffed against it.
+    same = [e for e in base.manifest.entries if e.path == entry.path]
+    model = [e for e in base.manifest.entries if e.path == base.manifest.model_path]
+    source = same[0] if same else model[0] if model and entry.path == model_path else None
     if source is None or source.path not in base.offsets:
         return None
-    from builder.ggufdiff import diff_files  # type: ignore[import-not-found]  # noqa: PLC0415
+    from builder.ggufdiff import diff_files  # noqa: PLC0415 - only deltas of GGUF files
 
     base_copy = work / "delta-base.gguf"
     base.extract(source, base_copy)
     index = len(list(work.glob("delta-*.patch.json")))
     patch_file, literal_file = work / f"delta-{index}.patch.json", work / f"delta-{index}.literal"
     try:
-        literal_bytes = diff_files(base_copy, f.source, patch=patch_file, literal=literal_file)
+        delta = diff_files(base_copy, f.source, patch=patch_file, literal=literal_file)
+        literal_bytes = delta.carried_bytes
     finally:
         base_copy.unlink()
     if literal_bytes >= PATCH_WORTH * entry.size:

@@ -112,6 +112,17 @@ class ModelSection(_Anchored):
         return {} if self.path is None else {"path": str(recipe_path.parent / self.path)}
 
 
+class AdapterSection(_Anchored):
+    """A LoRA adapter in GGUF (``[[adapters]]``), applied to the model when it is served; with
+    ``base_sha256``, the build refuses a model whose weights are not that base."""
+
+    path: str = Field(min_length=1)
+    base_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+    def _resolved_paths(self, recipe_path: Path) -> dict[str, Any]:
+        return {"path": str(recipe_path.parent / self.path)}
+
+
 _MODULE = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 _PYTHON = r"^3\.[0-9]{1,2}$"
 
@@ -266,6 +277,7 @@ class Recipe(_Anchored):
     environment: PipEnvironment | CondaEnvironment | None = Field(
         default=None, discriminator="type"
     )
+    adapters: list[AdapterSection] = Field(default_factory=list)  # LoRA (builder.adapters)
 
     def runtime_settings(self) -> dict[str, Any]:
         """Runtime settings as carried in the signed manifest (unset keys left out)."""
@@ -276,6 +288,7 @@ class Recipe(_Anchored):
         return {
             "model": self.model.anchored(recipe_path),
             "environment": None if env is None else env.anchored(recipe_path),
+            "adapters": [a.anchored(recipe_path) for a in self.adapters],
         }
 
 

@@ -85,3 +85,33 @@ def write_tiny_llama(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def write_tiny_lora(
+    out: Path, *, n_embd: int = 64, rank: int = 4, seed: int = 1, strength: float = 1.0
+) -> None:
+    """Write a GGUF LoRA adapter for :func:`write_tiny_llama`'s model (its ``output`` tensor):
+    the file llama.cpp's convert_lora_to_gguf.py writes for a real fine-tune, in miniature."""
+    try:
+        import gguf  # noqa: PLC0415
+        import numpy as np  # noqa: PLC0415
+    except ImportError:
+        raise InputError(
+            "generating a model needs the 'model' extra: pip install 'airgap-appliance[model]'"
+        ) from None
+    rng = np.random.default_rng(seed)
+    n_vocab = len(_SPECIAL) + 256
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(rank))
+    # Numpy shapes are GGUF's reversed: A is n_embd -> rank, B is rank -> n_vocab.
+    lora_a = (rng.standard_normal((rank, n_embd)) * strength).astype(np.float32)
+    lora_b = (rng.standard_normal((n_vocab, rank)) * strength).astype(np.float32)
+    writer.add_tensor("output.weight.lora_a", lora_a)
+    writer.add_tensor("output.weight.lora_b", lora_b)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

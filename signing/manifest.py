@@ -62,6 +62,7 @@ _COMMIT_RE: Final = re.compile(r"[0-9a-f]{40}")
 _CONVERTER_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}==[0-9][A-Za-z0-9.+!_-]{0,31}")
 _QUANT_RE: Final = re.compile(r"[A-Z][A-Z0-9_]{1,15}")
 MAX_PIPELINE_INPUTS: Final = 10_000
+MAX_ADAPTERS: Final = 64
 # The runtime table's keys and their checks; the recipe's [runtime] section mirrors it.
 _RUNTIME_INTS: Final = {"context_size": 16, "gpu_layers": -1, "threads": 1}
 
@@ -358,6 +359,26 @@ class ModelPipeline:
 
 
 @dataclass(frozen=True)
+class ModelAdapter:
+    """A LoRA adapter (GGUF) applied to the model when it is served: an entry of the bundle,
+    bound to the sha256 of the base weights it was trained on (format section 2.6)."""
+
+    path: str
+    base_sha256: str
+
+    def __post_init__(self) -> None:
+        check_relative_path(self.path, what="manifest model.adapters")
+        if not isinstance(self.base_sha256, str) or not _SHA256_RE.fullmatch(self.base_sha256):
+            raise FormatError(
+                f"manifest model.adapters {quote(self.path)}: base_sha256 must be 64 lowercase "
+                "hex digits"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "base_sha256": self.base_sha256}
+
+
+@dataclass(frozen=True)
 class DeltaPatch:
     """An entry the host rebuilds from a file of the base slot: ``patch`` (a carried entry,
     signing.patchformat) says which bytes of the base file to copy and which to take from
@@ -472,6 +493,8 @@ class BundleManifest:
     model_pipeline: ModelPipeline | None = None
     # A delta bundle's base and what it takes from it (format section 2.5); None: complete.
     delta: DeltaSpec | None = None
+    # LoRA adapters applied to the model, each bound to its base weights (section 2.6).
+    model_adapters: tuple[ModelAdapter, ...] = ()
     _parsed_version: Version = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -507,6 +530,7 @@ class BundleManifest:
         _check_entries(self.entries)
         if self.delta is not None:
             _check_delta(self.delta, self.entries)
+        _check_adapters(self.model_adapters, self.entries, self.model_path)
         if not any(
             e.path == self.model_path or e.path.startswith(self.model_path + "/")
             for e in self.entries
@@ -585,6 +609,8 @@ class BundleManifest:
             model["source"] = self.model_source.to_dict()
         if self.model_pipeline is not None:
             model["pipeline"] = self.model_pipeline.to_dict()
+        if self.model_adapters:
+            model["adapters"] = [a.to_dict() for a in self.model_adapters]
         return model
 
     def to_bytes(self) -> bytes:
@@ -639,8 +665,18 @@ class BundleManifest:
         if not isinstance(runtime, dict):
             raise FormatError("manifest: runtime must be an object")
         model = _exact_object(
-            obj["model"], {"path"}, optional={"source", "pipeline"}, what="manifest model"
+            obj["model"],
+            {"path"},
+            optional={"source", "pipeline", "adapters"},
+            what="manifest model",
         )
+        raw_adapters = model.get("adapters", [])
+        if not isinstance(raw_adapters, list) or len(raw_adapters) > MAX_ADAPTERS:
+            raise FormatError(f"manifest model.adapters must be a list of at most {MAX_ADAPTERS}")
+        adapters = []
+        for item in raw_adapters:
+            fields = _exact_object(item, {"path", "base_sha256"}, what="manifest model.adapters")
+            adapters.append(ModelAdapter(path=fields["path"], base_sha256=fields["base_sha256"]))
         source = None
         if "source" in model:
             src = _exact_object(
@@ -670,6 +706,7 @@ class BundleManifest:
                 ModelPipeline.from_dict(model["pipeline"]) if "pipeline" in model else None
             ),
             delta=DeltaSpec.from_dict(obj["delta"]) if "delta" in obj else None,
+            model_adapters=tuple(adapters),
         )
 
 
@@ -711,6 +748,32 @@ def _check_entries(entries: tuple[Entry, ...]) -> None:
                 raise FormatError(
                     f"manifest: entry {quote('/'.join(parts[:i]))} is also a directory"
                 )
+
+
+def _check_adapters(
+    adapters: tuple[ModelAdapter, ...], entries: tuple[Entry, ...], model_path: str
+) -> None:
+    """Every adapter is an entry, and is bound to the weights this manifest's model holds."""
+    if not isinstance(adapters, tuple) or not all(isinstance(a, ModelAdapter) for a in adapters):
+        raise FormatError("manifest: model.adapters must be a tuple of ModelAdapter")
+    if not adapters:
+        return
+    by_path = {e.path: e for e in entries}
+    model = by_path.get(model_path)
+    if model is None:
+        raise FormatError("manifest: model.adapters need a model that is one file (a GGUF)")
+    paths = [a.path for a in adapters]
+    if paths != sorted(set(paths)):
+        raise FormatError("manifest: model.adapters must be sorted by path, without duplicates")
+    for adapter in adapters:
+        if adapter.path not in by_path or adapter.path == model_path:
+            raise FormatError(f"manifest: adapter {quote(adapter.path)} names no adapter entry")
+        if adapter.base_sha256 != model.sha256:
+            raise FormatError(
+                f"manifest: adapter {quote(adapter.path)} is for base weights sha256 "
+                f"{adapter.base_sha256[:16]}..., the model {quote(model_path)} is "
+                f"{model.sha256[:16]}..."
+            )
 
 
 def _check_delta(delta: DeltaSpec, entries: tuple[Entry, ...]) -> None:

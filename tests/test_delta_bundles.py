@@ -203,3 +203,70 @@ def test_a_delta_on_another_bundle_name_is_refused_at_build(
     result = builder("build", recipe, *keys, "-o", tmp_path / "o.tar", "--base", bundles["1.0.0"])
     assert_error(result, 2, "base bundle is 'demo', this recipe builds 'other'")
     shutil.rmtree(src)
+
+
+# -- GGUF-aware deltas: a chat-template edit travels as a per-tensor patch ---------------------
+
+
+@pytest.fixture(scope="module")
+def gguf_bundles(world: World, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """demo 1.0.0 and 1.1.0 of one GGUF model whose chat template changed (every tensor's
+    offset moves with the header); 1.1.0 also as a delta on 1.0.0."""
+    from builder.tinymodel import CHAT_TEMPLATE, write_tiny_llama
+
+    d = tmp_path_factory.mktemp("gguf-delta")
+    out: dict[str, Path] = {}
+    templates = {"1.0.0": CHAT_TEMPLATE, "1.1.0": CHAT_TEMPLATE + "{# a longer template #}"}
+    for version, template in templates.items():
+        src = d / f"src-{version}"
+        write_tiny_llama(src / "tiny.gguf", n_embd=128, n_ff=512, chat_template=template)
+        recipe = write_recipe(src, version=version, model_path="tiny.gguf")
+        out[version] = d / f"demo-{version}.tar"
+        build(recipe, out[version], world.signers, epoch=world.epoch)
+        out[f"model-{version}"] = src / "tiny.gguf"
+        if version == "1.1.0":
+            out["delta"] = d / "demo-1.1.0-delta.tar"
+            build(
+                recipe, out["delta"], world.signers, epoch=world.epoch,
+                extra=["--base", str(out["1.0.0"])],
+            )  # fmt: skip
+    return out
+
+
+def test_a_template_edit_carries_a_patch_not_the_weights(
+    world: World, gguf_bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    manifest = head(gguf_bundles["delta"])
+    assert manifest.delta is not None
+    (patch,) = manifest.delta.patches
+    assert patch.path == "model/tiny.gguf"
+    model_size = gguf_bundles["model-1.1.0"].stat().st_size
+    carried = {e.path: e.size for e in manifest.carried_entries}
+    assert carried[patch.literal] < 0.01 * model_size
+    assert "model/tiny.gguf" not in carried
+    root = host_with(world, tmp_path, gguf_bundles["1.0.0"], gguf_bundles["delta"])
+    rebuilt = (root / "current").resolve() / "payload" / "model" / "tiny.gguf"
+    assert rebuilt.read_bytes() == gguf_bundles["model-1.1.0"].read_bytes()
+    summary = audit_records(root)[-1]["delta"]
+    assert (summary["patched"], summary["patched_bytes"]) == (1, model_size)
+
+
+def test_a_patch_on_a_damaged_base_is_refused(
+    world: World, gguf_bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    root = host_with(world, tmp_path, gguf_bundles["1.0.0"])
+    model = (root / "current").resolve() / "payload" / "model" / "tiny.gguf"
+    data = bytearray(model.read_bytes())
+    data[-100] ^= 0xFF  # a weight byte: the patch copies it
+    model.write_bytes(bytes(data))
+    before = tree_digest(root / "slots")
+    result = appliance(root, "install", gguf_bundles["delta"], "--skip-health-check")
+    assert_error(
+        result,
+        6,
+        "delta: 'model/tiny.gguf' cannot be rebuilt from base slot 000001-demo-1.0.0: the base "
+        "file does not match: sha256 ",
+        "; the base slot is damaged: install the complete bundle",
+    )
+    assert tree_digest(root / "slots") == before
+    assert list((root / "staging").iterdir()) == []

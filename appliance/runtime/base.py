@@ -91,6 +91,8 @@ class RuntimeSettings:
     slot: Path | None = None  # the slot it comes from (its remembered CPU variant: cpuvariant)
     # The signed memory table, logged beside what the runtime allocates (none in old bundles).
     memory_estimate: MemoryEstimate | None = None
+    # LoRA adapters applied to the model (llama.cpp only; bound to its weights by the manifest).
+    adapters: tuple[Path, ...] = ()
 
     @classmethod
     def from_manifest(

@@ -237,6 +237,8 @@ class EngineProcess:
             # default is 8 GiB): the signed memory estimate is what the host was checked for.
             "--cache-ram", "0",
         ]  # fmt: skip
+        for adapter in s.adapters:  # LoRA, bound to these weights by the signed manifest
+            command += ["--lora", str(adapter.absolute())]
         if self.embeddings:
             command += ["--embeddings", "--pooling", "mean"]
         if self.chat_template is not None:

@@ -40,7 +40,8 @@ def slot_runtime_settings(slot: Path, *, parallel: int = 4) -> RuntimeSettings:
         parallel=parallel,
         memory_estimate=manifest.requires.memory_estimate if manifest.requires else None,
     )
-    return replace(settings, slot=slot)
+    adapters = tuple(paths.payload / a.path for a in manifest.model_adapters)
+    return replace(settings, slot=slot, adapters=adapters)
 
 
 def load_backend(settings: RuntimeSettings) -> Backend:

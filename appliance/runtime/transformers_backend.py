@@ -304,6 +304,8 @@ class TransformersBackend:
 
 
 def load_transformers(settings: RuntimeSettings) -> TransformersBackend:
+    if settings.adapters:  # the manifest allows them for a GGUF model only; never ignore one
+        raise ModelError("LoRA adapters are applied by the llama.cpp backend only")
     return TransformersBackend(settings)
 
 
