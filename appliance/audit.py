@@ -45,18 +45,18 @@ import fcntl
 import hashlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
+from appliance import chain
+from appliance.chain import GENESIS, LastRecord, Tail, check_lines
 from appliance.fsutil import TMP_PREFIX, atomic_write, fsync_dir
 from appliance.limits import HOST_LIMITS
 from signing.bounded import ELLIPSIS, clip
-from signing.canonical import decode_canonical, encode_canonical, format_time, is_int
-from signing.errors import FormatError, IntegrityError, StateError
+from signing.canonical import encode_canonical, format_time
+from signing.errors import IntegrityError, StateError
 
-GENESIS: Final = "0" * 64
 # The bounds of invariant 8, from the host's one config of limits.
 MAX_TEXT: Final = HOST_LIMITS.audit_max_text
 MAX_ITEMS: Final = HOST_LIMITS.audit_max_items
@@ -67,24 +67,8 @@ REPAIR_HINT: Final = (
     "'appliance repair --reanchor-audit-log' (audited) to start a new chain beside the old one"
 )
 _CORE_FIELDS: Final = ("seq", "prev", "time", "event", "outcome", "error")
-_READ_BACK: Final = 1 << 16
+_HEAD_NAME: Final = "audit.head"
 _DISK_FULL: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
-
-
-@dataclass(frozen=True)
-class LastRecord:
-    seq: int
-    prev: str
-    sha256: str
-
-
-@dataclass(frozen=True)
-class Tail:
-    """The end of the log: its last complete record and any bytes after it."""
-
-    last: LastRecord | None
-    complete_size: int  # bytes up to and including the last newline
-    torn: bytes  # bytes after the last newline: a torn append, or an attack
 
 
 class AuditLog:
@@ -280,19 +264,7 @@ class AuditLog:
         Raises IntegrityError naming the first problem. A torn tail that the next append will
         recover (see :meth:`torn_tail`) is not a problem of the chain.
         """
-        prev = GENESIS
-        last: LastRecord | None = None
-        for lineno, line in self._lines():
-            record = _parse(line, lineno=lineno)
-            if record.get("seq") != lineno:
-                raise IntegrityError(f"audit log line {lineno}: seq is {record.get('seq')!r}")
-            if record.get("prev") != prev:
-                raise IntegrityError(
-                    f"audit log line {lineno}: chain broken (prev does not match line {lineno - 1})"
-                )
-            digest = hashlib.sha256(line).hexdigest()
-            last = LastRecord(seq=lineno, prev=prev, sha256=digest)
-            prev = digest
+        last = check_lines(self._lines(), what="audit log")
         problem = head_problem(self._read_head(), last)
         if problem is not None:
             raise IntegrityError(f"audit log {problem}")
@@ -310,12 +282,7 @@ class AuditLog:
             os.close(fd)
 
     def _read_head(self) -> bytes | None:
-        try:
-            return self.head_path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StateError(f"cannot read the audit log head: {exc.strerror}") from None
+        return chain.read_head(self.head_path, what="the audit log head")
 
     def _lines(self) -> Iterator[tuple[int, bytes]]:
         try:
@@ -332,77 +299,15 @@ class AuditLog:
 
 
 def head_problem(head: bytes | None, last: LastRecord | None) -> str | None:
-    """What is wrong between the head and the log's last complete record, or None.
-
-    The head may lag by exactly one record (a crash between a record and its head), which is
-    proven by that record's ``prev`` naming the head's hash; it may never run ahead.
-    """
-    count = last.seq if last else 0
-    if head is None:
-        if count > 1:
-            return f"has {count} records but its head (audit.head) is missing"
-        return None
-    try:
-        value = decode_canonical(head, what="audit head")
-        anchored, digest = value["count"], value["sha256"]
-    except (FormatError, KeyError, TypeError) as exc:
-        return f"head (audit.head) is damaged: {exc}"
-    if not is_int(anchored) or anchored < 0:
-        return "head (audit.head) is damaged: its count is not a count"
-    if not isinstance(digest, str):
-        return "head (audit.head) is damaged: its sha256 is not a string"
-    if last is None:
-        if anchored:
-            return f"is missing or empty but its head says {anchored} records: records were removed"
-        return None
-    if anchored > last.seq:
-        return (
-            f"ends at record {last.seq} but its head says {anchored}: "
-            "records were removed from the end"
-        )
-    if anchored == last.seq and digest == last.sha256:
-        return None
-    if anchored == last.seq - 1 and digest == last.prev:
-        return None
-    return f"line {anchored}: does not match the log's head (audit.head)"
+    """What is wrong between audit.head and the log's last complete record, or None."""
+    return chain.head_problem(head, last, name=_HEAD_NAME)
 
 
 def read_tail(fd: int) -> Tail:
     """The last complete line and any torn bytes after it, reading back from the end."""
-    size = os.fstat(fd).st_size
-    if size == 0:
-        return Tail(last=None, complete_size=0, torn=b"")
-    end = size
-    buffer = b""
-    newline = -1
-    while end > 0 and newline < 0:
-        start = max(0, end - _READ_BACK)
-        buffer = os.pread(fd, end - start, start) + buffer
-        end = start
-        newline = buffer.rfind(b"\n")
-    if newline < 0:
-        return Tail(last=None, complete_size=0, torn=buffer)
-    complete_size = end + newline + 1
-    torn = buffer[newline + 1 :]
-    if len(torn) > MAX_RECORD_BYTES:
-        raise IntegrityError(
-            f"audit log ends in {len(torn)} bytes that are no record; {REPAIR_HINT}"
-        )
-    # The last complete line: from the newline before it (read further back if needed).
-    before = buffer.rfind(b"\n", 0, newline)
-    while before < 0 and end > 0:
-        start = max(0, end - _READ_BACK)
-        chunk = os.pread(fd, end - start, start)
-        buffer, newline = chunk + buffer, newline + len(chunk)
-        end = start
-        before = buffer.rfind(b"\n", 0, newline)
-    line = buffer[before + 1 : newline]
-    record = _parse(line, lineno=0)
-    seq, prev = record.get("seq"), record.get("prev")
-    if not is_int(seq) or not isinstance(prev, str):
-        raise IntegrityError(f"audit log's last record has no valid seq and prev; {REPAIR_HINT}")
-    last = LastRecord(seq=seq, prev=prev, sha256=hashlib.sha256(line).hexdigest())
-    return Tail(last=last, complete_size=complete_size, torn=torn)
+    return chain.read_tail(
+        fd, what="audit log", max_record_bytes=MAX_RECORD_BYTES, hint=REPAIR_HINT
+    )
 
 
 def bounded(value: Any) -> Any:
@@ -433,11 +338,4 @@ def _encode_bounded(record: dict[str, Any]) -> bytes:
 
 
 def _parse(line: bytes, *, lineno: int) -> dict[str, Any]:
-    what = f"audit log line {lineno}" if lineno else "audit log's last record"
-    try:
-        value = decode_canonical(line, what=what)
-    except FormatError as exc:
-        raise IntegrityError(str(exc)) from None
-    if not isinstance(value, dict):
-        raise IntegrityError(f"{what}: not a JSON object")
-    return value
+    return chain.parse_record(line, what=f"audit log line {lineno}")

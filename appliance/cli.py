@@ -23,13 +23,16 @@ from signing.canonical import encode_canonical, format_time
 from signing.errors import InputError, IntegrityError
 
 if TYPE_CHECKING:
-    from appliance.apikeys import KeyStore
+    from appliance.apikeys import KeyLimits, KeyStore
     from appliance.preflight import Check
 
 _TIME_HELP = "Use this UTC time (YYYY-MM-DDTHH:MM:SSZ) instead of the system clock; logged."
 
 
-_LAZY_COMMANDS: Final = {"serve": "appliance.server.command:serve"}
+_LAZY_COMMANDS: Final = {
+    "serve": "appliance.server.command:serve",
+    "monitoring": "appliance.monitoring.command:monitoring",
+}
 
 
 class _LazyGroup(click.Group):
@@ -51,6 +54,7 @@ class _LazyGroup(click.Group):
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="airgap-appliance", prog_name="appliance")
 @click.option(
     "--root",
     "root",
@@ -163,6 +167,16 @@ def verify(app: Appliance, bundle: tuple[str, ...], assume_time: str | None, as_
     is_flag=True,
     help="Install even if the host lacks what the bundle requires (logged; see 'preflight').",
 )
+@click.option(
+    "--skip-eval",
+    is_flag=True,
+    help="Do not run the bundle's evaluation set against the active slot (audited).",
+)
+@click.option(
+    "--accept-eval-drop",
+    is_flag=True,
+    help="Activate even if the evaluation gate fails (the scores are audited).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_appliance
 def install(
@@ -174,6 +188,8 @@ def install(
     skip_health_check: bool,
     grace_period: int,
     skip_preflight: bool,
+    skip_eval: bool,
+    accept_eval_drop: bool,
     as_json: bool,
 ) -> None:
     """Verify BUNDLE, install it into a new slot, check its model runs, then switch to it.
@@ -188,13 +204,32 @@ def install(
         skip_health_check=skip_health_check,
         grace_period_s=grace_period,
         skip_preflight=skip_preflight,
+        skip_eval=skip_eval,
+        accept_eval_drop=accept_eval_drop,
     )
     with ByteProgress() as progress:
         slot = app.install(bundle, options, progress=progress)
+    # The evaluation gate's verdict (appliance.evalgate): a slot its policy installs as a
+    # canary only is not the active one.
+    from appliance.evalgate import describe_evaluation, slot_evaluation  # noqa: PLC0415
+
+    evaluation = slot_evaluation(slot.path)
+    current = app.slots.current()
+    active = current is not None and current.id == slot.id
     if as_json:
-        emit_json(slot.to_json())
-    else:
+        emit_json({**slot.to_json(), "active": active, "evaluation": evaluation})
+        return
+    if evaluation is not None:
+        click.echo(describe_evaluation(evaluation), err=True)
+    if active:
         click.echo(f"installed {slot.name} {slot.version} into slot {slot.id}; now active")
+    else:
+        click.echo(
+            f"installed {slot.name} {slot.version} into slot {slot.id}; NOT activated: it "
+            "failed its evaluation gate and its policy installs it as a canary only "
+            f"('appliance canary start {slot.version}', or 'appliance rollback --to "
+            f"{slot.version}' to activate it)"
+        )
 
 
 @cli.command()
@@ -248,14 +283,22 @@ def _print_status(app: Appliance, info: dict[str, Any]) -> None:
     if info["provenance"]:
         for line in describe_provenance(info["provenance"]):
             click.echo(line)
+    if info.get("evaluation"):  # the active slot's evaluation gate (appliance.evalgate)
+        from appliance.evalgate import describe_evaluation  # noqa: PLC0415
+
+        click.echo(describe_evaluation(info["evaluation"]))
     for slot in info["slots"]:
         mark = "*" if active and slot["id"] == active["id"] else " "
+        verdict = (slot.get("evaluation") or {}).get("verdict")
         click.echo(
             f"  {mark} {slot['id']}  installed {slot['installed']}  signers {len(slot['signers'])}"
+            + (f"  evaluation {verdict}" if verdict else "")
         )
 
 
 def _status(app: Appliance) -> dict[str, Any]:
+    from appliance.evalgate import slot_evaluation  # noqa: PLC0415 - the runtime's modules
+
     trust_info = None
     if app.trust.is_initialised():
         signed = app.trust.load()
@@ -282,7 +325,8 @@ def _status(app: Appliance) -> dict[str, Any]:
         "trust": trust_info,
         "active": current.to_json() if current else None,
         "provenance": slot_provenance(current.path) if current else None,
-        "slots": [s.to_json() for s in slots],
+        "evaluation": slot_evaluation(current.path) if current else None,
+        "slots": [{**s.to_json(), "evaluation": slot_evaluation(s.path)} for s in slots],
         "highest_installed": state.highest,
         "time_floor": format_time(state.time_floor) if state.time_floor else None,
         "problems": problems,
@@ -314,6 +358,36 @@ def history(app: Appliance, as_json: bool, check: bool) -> None:
 
 
 @cli.command()
+@click.option("--check", is_flag=True, help="Verify the request audit's chain (the only action).")
+@click.option(
+    "--file",
+    "log_file",
+    type=click.Path(path_type=Path),
+    help="The request log (default: ROOT/requests.jsonl); its rotated files are found beside it.",
+)
+@pass_appliance
+def requests(app: Appliance, check: bool, log_file: Path | None) -> None:
+    """Verify the hash-chained request audit of 'serve'; exit 6 if it was tampered with."""
+    from appliance.server.requestlog import check_log  # noqa: PLC0415
+
+    if not check:
+        raise click.UsageError("say what to do: 'appliance requests --check'")
+    path = log_file or app.paths.root / "requests.jsonl"
+    if not path.exists() and not log_file:
+        raise InputError(f"no request log at {path}: give --file")
+    report = check_log(path)
+    click.echo(
+        f"request log intact: {report.records} records in {report.files} file(s), "
+        "hash chain verified"
+    )
+    if report.first_seq > 1:
+        click.echo(
+            f"note: the oldest file left starts at record {report.first_seq}: older files were "
+            "archived or removed"
+        )
+
+
+@cli.command()
 @click.option(
     "--reanchor-audit-log",
     is_flag=True,
@@ -339,27 +413,144 @@ def keys() -> None:
     """Manage the API keys of the REST server (ROOT/api-keys.json)."""
 
 
+_LIMIT_OPTIONS: Final = (
+    click.option(
+        "--scope",
+        "scopes",
+        multiple=True,
+        help="Endpoints the key may use: chat, completions, embeddings, models, openai, ollama, "
+        "metrics, health, docs, or a path prefix such as /v1/chat (repeatable or "
+        "comma-separated; default: all).",
+    ),
+    click.option(
+        "--model", "models", multiple=True, help="A model id the key may use (repeatable)."
+    ),
+    click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute at most."),
+    click.option(
+        "--tokens-per-day",
+        type=click.IntRange(min=1),
+        help="Prompt + completion tokens per rolling 24 hours at most.",
+    ),
+)
+# --clear NAME -> the KeyLimits field it lifts
+_LIMIT_FIELDS: Final = {
+    "scope": "scopes",
+    "model": "models",
+    "rpm": "rpm",
+    "tokens-per-day": "tokens_per_day",
+}
+
+
+def _limit_options(command: Any) -> Any:
+    for option in reversed(_LIMIT_OPTIONS):
+        command = option(command)
+    return command
+
+
 @keys.command("add")
 @click.argument("name")
+@_limit_options
 @pass_appliance
-def keys_add(app: Appliance, name: str) -> None:
-    """Make a key called NAME and print it: it is shown this once and never stored."""
-    key = _key_store(app).add(name)
+def keys_add(
+    app: Appliance,
+    name: str,
+    scopes: tuple[str, ...],
+    models: tuple[str, ...],
+    rpm: int | None,
+    tokens_per_day: int | None,
+) -> None:
+    """Make a key called NAME and print it: it is shown this once and never stored.
+
+    Without --scope, --model, --rpm or --tokens-per-day it may use every endpoint and model,
+    without limit ('keys limit' changes that later)."""
+    from appliance.apikeys import KeyLimits, scope_list  # noqa: PLC0415 - only the keys commands
+
+    limits = KeyLimits(
+        scopes=scope_list(scopes),
+        models=tuple(dict.fromkeys(models)),
+        rpm=rpm,
+        tokens_per_day=tokens_per_day,
+    )
+    key = _key_store(app).add(name, limits)
     click.echo(key)
     click.echo(f"API key {name!r} created; store it now, it cannot be shown again", err=True)
+
+
+keys.add_command(keys_add, "create")
+
+
+@keys.command("limit")
+@click.argument("name")
+@_limit_options
+@click.option(
+    "--clear",
+    "cleared",
+    type=click.Choice(list(_LIMIT_FIELDS)),
+    multiple=True,
+    help="Lift this restriction (repeatable).",
+)
+@pass_appliance
+def keys_limit(
+    app: Appliance,
+    name: str,
+    scopes: tuple[str, ...],
+    models: tuple[str, ...],
+    rpm: int | None,
+    tokens_per_day: int | None,
+    cleared: tuple[str, ...],
+) -> None:
+    """Change the scopes and limits of the key called NAME; the options given replace the
+    key's, the others stay. A running server applies them from its next request on."""
+    from dataclasses import replace  # noqa: PLC0415 - only this command
+
+    from appliance.apikeys import KeyLimits, scope_list  # noqa: PLC0415 - only the keys commands
+
+    changes: dict[str, Any] = {}
+    if scopes:
+        changes["scopes"] = scope_list(scopes)
+    if models:
+        changes["models"] = tuple(dict.fromkeys(models))
+    if rpm is not None:
+        changes["rpm"] = rpm
+    if tokens_per_day is not None:
+        changes["tokens_per_day"] = tokens_per_day
+    for option in cleared:
+        field = _LIMIT_FIELDS[option]
+        if field in changes:
+            raise InputError(f"--clear {option} and --{option} at once: give one of them")
+        changes[field] = KeyLimits.__dataclass_fields__[field].default  # () or None: no limit
+    if not changes:
+        raise InputError(
+            "nothing to change: give --scope, --model, --rpm, --tokens-per-day or --clear"
+        )
+    key = _key_store(app).update_limits(name, lambda old: replace(old, **changes))
+    click.echo(f"API key {name!r}: {_describe_limits(key.limits)}")
 
 
 @keys.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_appliance
 def keys_list(app: Appliance, as_json: bool) -> None:
-    """List the keys: names and creation times (the keys themselves are not stored)."""
+    """List the keys: names, creation times, scopes and limits (the keys themselves are not
+    stored)."""
     stored = _key_store(app).list()
     if as_json:
-        emit_json([{"name": k.name, "created": k.created} for k in stored])
+        emit_json(
+            [
+                {
+                    "name": k.name,
+                    "created": k.created,
+                    "scopes": list(k.limits.scopes),
+                    "models": list(k.limits.models),
+                    "rpm": k.limits.rpm,
+                    "tokens_per_day": k.limits.tokens_per_day,
+                }
+                for k in stored
+            ]
+        )
         return
     for k in stored:
-        click.echo(f"{k.name}  created {k.created}")
+        click.echo(f"{k.name}  created {k.created}  {_describe_limits(k.limits)}")
     if not stored:
         click.echo("no API keys; create one with 'appliance keys add NAME'", err=True)
 
@@ -371,6 +562,121 @@ def keys_revoke(app: Appliance, name: str) -> None:
     """Revoke the key called NAME; a running server refuses it from its next request on."""
     _key_store(app).revoke(name)
     click.echo(f"API key {name!r} revoked")
+
+
+@cli.group()
+def canary() -> None:
+    """Serve a second slot to some API keys beside the active one (docs/operator-guide.md)."""
+
+
+@canary.command("start")
+@click.argument("version")
+@click.option(
+    "--percent",
+    type=click.IntRange(0, 100),
+    help="Share of the API keys routed to VERSION (sticky: sha256 of the key name mod 100).",
+)
+@click.option("--keys", "keys", multiple=True, help="Route this key to VERSION (repeatable).")
+@click.option("--max-error-rate", type=click.FloatRange(0, 1), help="Abort above this 5xx share.")
+@click.option("--max-p99-ms", type=click.IntRange(min=1), help="Abort above this p99 (ms).")
+@click.option("--min-requests", type=click.IntRange(1, 200), help="Judge after this many.")
+@click.option(
+    "--max-eval-mismatch",
+    type=click.FloatRange(0, 1),
+    help="Abort above this share of evaluation items the active answers right, the canary not.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_appliance
+def canary_start(
+    app: Appliance,
+    version: str,
+    percent: int | None,
+    keys: tuple[str, ...],
+    max_error_rate: float | None,
+    max_p99_ms: int | None,
+    min_requests: int | None,
+    max_eval_mismatch: float | None,
+    as_json: bool,
+) -> None:
+    """Make the installed slot of VERSION the canary: 'serve' loads it beside the active one
+    (after a memory preflight for both) and routes a share of the keys, or named keys, to it."""
+    from appliance import canary as canaries  # noqa: PLC0415 - only the canary commands
+
+    limits = canaries.Thresholds(
+        max_error_rate=max_error_rate,
+        max_p99_ms=max_p99_ms,
+        min_requests=min_requests,
+        max_eval_mismatch=max_eval_mismatch,
+    )
+    known = frozenset(k.name for k in _key_store(app).list())
+    state = canaries.start(
+        app, version, percent=percent, keys=keys, thresholds=limits, known_keys=known
+    )
+    if as_json:
+        emit_json(state.to_json())
+    else:
+        click.echo(f"canary {state.name} {state.version} (slot {state.slot}) for {state.share()}")
+
+
+@canary.command("promote")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_appliance
+def canary_promote(app: Appliance, as_json: bool) -> None:
+    """Make the canary slot the active one (the atomic switch of rollback); ends the canary."""
+    from appliance import canary as canaries  # noqa: PLC0415
+
+    before, after = canaries.promote(app)
+    if as_json:
+        emit_json({"from": before.to_json(), "to": after.to_json()})
+    else:
+        click.echo(f"promoted {after.name} {after.version} (slot {after.id}); was {before.version}")
+
+
+@canary.command("abort")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_appliance
+def canary_abort(app: Appliance, as_json: bool) -> None:
+    """End the canary: the active slot answers every key again."""
+    from appliance import canary as canaries  # noqa: PLC0415
+
+    ended = canaries.abort(app, reason="operator")
+    if as_json:
+        emit_json({"aborted": ended.to_json() if ended else None})
+    else:
+        click.echo(f"canary {ended.version} aborted" if ended else "damaged canary state cleared")
+
+
+@canary.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_appliance
+def canary_status(app: Appliance, as_json: bool) -> None:
+    """Show the canary: its slot, who it answers, its thresholds."""
+    from appliance import canary as canaries  # noqa: PLC0415
+
+    info = canaries.status(app)
+    if as_json:
+        emit_json(info)
+    elif info["canary"] is None:
+        click.echo("no canary" if info["problem"] is None else f"damaged:  {info['problem']}")
+    else:
+        state = info["canary"]
+        share = (
+            f"{state['percent']}% of the keys"
+            if state["percent"] is not None
+            else ("keys " + ", ".join(state["keys"]))
+        )
+        click.echo(f"canary:   {state['name']} {state['version']} (slot {state['slot']})")
+        click.echo(f"routes:   {share}, since {state['started']}")
+        limits = state["thresholds"]
+        click.echo(
+            "aborts:   " + ", ".join(f"{k}={v}" for k, v in limits.items() if v is not None)
+            if any(v is not None for v in limits.values())
+            else "aborts:   at serve's thresholds (canary_max_error_rate, canary_max_p99_ms)"
+        )
+        if info["problem"]:
+            click.echo(f"damaged:  {info['problem']}")
+    if info["problem"]:
+        raise IntegrityError(f"canary state: {info['problem']}")
 
 
 @cli.group()
@@ -389,10 +695,33 @@ def service() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 @click.option("--user", help="Run the service as this user (default: the unit's default).")
+@click.option("--tls-cert", type=click.Path(path_type=Path), help="Serve HTTPS with this PEM.")
+@click.option("--tls-key", type=click.Path(path_type=Path), help="Its unencrypted PEM key.")
+@click.option("--tls-min-version", type=click.Choice(["1.2", "1.3"]), help="Oldest TLS allowed.")
 @pass_appliance
-def service_install(app: Appliance, unit_dir: Path, host: str, port: int, user: str | None) -> None:
-    """Write a systemd unit that runs 'serve' from the active slot (then: systemctl enable)."""
-    spec = ServiceSpec(root=app.paths.root.resolve(), host=host, port=port, user=user)
+def service_install(
+    app: Appliance,
+    unit_dir: Path,
+    host: str,
+    port: int,
+    user: str | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_min_version: str | None,
+) -> None:
+    """Write a systemd unit that runs 'serve' from the active slot (then: systemctl enable).
+
+    It listens on loopback unless --host says otherwise; see docs/operator-guide.md for the
+    firewall rule and TLS before opening it to the network."""
+    spec = ServiceSpec(
+        root=app.paths.root.resolve(),
+        host=host,
+        port=port,
+        user=user,
+        tls_cert=tls_cert.resolve() if tls_cert else None,
+        tls_key=tls_key.resolve() if tls_key else None,
+        tls_min_version=tls_min_version,
+    )
     path = write_unit(spec, unit_dir)
     click.echo(f"wrote {path}; run 'systemctl daemon-reload && systemctl enable --now {UNIT_NAME}'")
 
@@ -457,6 +786,14 @@ def _print_checks(title: str, checks: list[Check]) -> None:
         cells = (Text(c.name), result, Text(c.found), Text(c.needed), Text(c.fix))
         table.add_row(*cells, style=None if c.ok else "red")
     Console(width=max(Console().width, 120)).print(table)
+
+
+def _describe_limits(limits: KeyLimits) -> str:
+    """``scopes=chat,embeddings models=any rpm=60 tokens/day=unlimited``."""
+    return (
+        f"scopes={','.join(limits.scopes) or 'any'} models={','.join(limits.models) or 'any'} "
+        f"rpm={limits.rpm or 'unlimited'} tokens/day={limits.tokens_per_day or 'unlimited'}"
+    )
 
 
 def _key_store(app: Appliance) -> KeyStore:

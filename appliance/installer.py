@@ -77,6 +77,8 @@ class InstallOptions:
     skip_health_check: bool = False
     skip_preflight: bool = False
     grace_period_s: int = HOST_LIMITS.default_grace_period_s
+    skip_eval: bool = False  # step I7b, the evaluation gate (appliance.evalgate): audited
+    accept_eval_drop: bool = False
 
     def __post_init__(self) -> None:
         if self.keep < 1:
@@ -290,12 +292,31 @@ class Appliance:
                 if not options.skip_health_check:
                     health_check(slot_dir)
                     record["health_check"] = OK
+                # I7b: the evaluation gate (appliance.evalgate, docs/adr/0020): the new slot
+                # answers the bundle's signed evaluation set beside the active slot, if it has
+                # one; a worse slot is refused here, or with on_fail = "canary" not activated.
+                from appliance.evalgate import evaluation_gate  # noqa: PLC0415 - the runtime
+
+                gate = evaluation_gate(
+                    slot_dir,
+                    previous,
+                    skip=options.skip_eval,
+                    accept_drop=options.accept_eval_drop,
+                    record=record,
+                )
                 # I8: the complete slot appears in slots/ by one rename.
                 final = self.slots.commit(slot_dir)
             except BaseException:
                 shutil.rmtree(slot_dir, ignore_errors=True)
                 raise
         fault("after-commit", self.paths.root)
+        if not gate.activate:  # I7b's "canary" policy: installed and remembered, not activated
+            record["canary_only"] = True
+            state.see_installed(
+                name=manifest.name, version=manifest.version, seq=seq, created=manifest.created
+            )
+            state.save(self.paths.state)
+            return SlotInfo.read(final)
         # I9: switch `current` atomically; the old slot served until this instant. From here
         # on the outcome is "activated", whatever happens next.
         self.slots.activate(final)

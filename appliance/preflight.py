@@ -26,6 +26,7 @@ Rules:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
@@ -225,7 +226,17 @@ def _disk(needed: int, facts: HostFacts) -> Check:
 def _python(needed: str, facts: HostFacts) -> Check:
     ok = facts.python == needed
     fix = "" if ok else f"rebuild for Python {facts.python}, or run the appliance on {needed}"
-    return Check("python", ok, facts.python, needed, fix)
+    found = facts.python
+    if getattr(sys, "frozen", False):
+        # The standalone program is the environments' interpreter (docs/adr/0018): the host's
+        # own Python, if any, plays no part.
+        found += " (the standalone appliance's own; it runs slot environments)"
+        if not ok:
+            fix = (
+                f"rebuild the bundle for Python {facts.python} with 'requires.standalone = true', "
+                f"or use a standalone appliance frozen with Python {needed}"
+            )
+    return Check("python", ok, found, needed, fix)
 
 
 def _glibc(needed: str, facts: HostFacts) -> Check:

@@ -7,6 +7,9 @@ private /tmp, no kernel tunables, only IP and Unix sockets. ``LimitNOFILE`` lift
 limit from the default 1,024, which ``serve`` divides among client connections
 (appliance/server/connections.py). ``serve`` follows the ``current`` link itself, so rollbacks
 and installs do not need a unit change.
+
+The unit listens on loopback unless told another address; opening it to the network is the
+operator's explicit act, behind a firewall rule and with TLS (docs/operator-guide.md).
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ class ServiceSpec:
     port: int = 8080
     user: str | None = None
     python: str = sys.executable
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_min_version: str | None = None
 
     def exec_start(self) -> str:
         argv = [
@@ -44,6 +50,13 @@ class ServiceSpec:
             "--port",
             str(self.port),
         ]
+        for flag, value in (
+            ("--tls-cert", self.tls_cert),
+            ("--tls-key", self.tls_key),
+            ("--tls-min-version", self.tls_min_version),
+        ):
+            if value is not None:
+                argv += [flag, str(value)]
         return " ".join(shlex.quote(a) for a in argv)
 
 

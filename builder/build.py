@@ -18,6 +18,7 @@ from appliance.console import Progress
 from builder.adapters import adapter_files, bind_adapters
 from builder.delta import plan_delta, read_base
 from builder.environment import prepare_environment, resolve_model
+from builder.evalset import evaluation_payload
 from builder.hostreqs import host_requirements
 from builder.memtable import model_memory
 from builder.pack import (
@@ -126,6 +127,7 @@ def build_bundle(
         files, model_path = collect_payload(recipe_path, model.source_path, model.digests)
         lora = adapter_files(recipe, model_path)  # adapters/ (builder.adapters)
         files += lora
+        files += evaluation_payload(recipe.evaluation, work=work)  # eval/ (builder.evalset)
         env = prepare_environment(recipe_path, recipe, work=work, lock=lock, jobs=jobs, say=say)
         if env is not None:
             files += env.files

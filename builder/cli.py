@@ -448,6 +448,39 @@ def tiny_model(
     click.echo(f"wrote {output} ({output.stat().st_size} bytes)")
 
 
+@cli.command()
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("dist"),
+    show_default=True,
+)
+@click.option("--onefile", is_flag=True, help="One executable instead of one folder (see docs).")
+def freeze(output: Path, onefile: bool) -> None:
+    """Build the standalone `appliance` program (PyInstaller; docs/adr/0018)."""
+    from builder.freeze import freeze as freeze_program  # noqa: PLC0415
+    from builder.freeze import handover_text  # noqa: PLC0415
+
+    click.echo(handover_text(freeze_program(output, onefile=onefile)))
+
+
+@cli.group()
+def export() -> None:
+    """Hand a recipe's pinned packages to another installer."""
+
+
+@export.command("constructor")
+@click.argument("recipe", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False), required=True)
+def export_constructor(recipe: Path, output: Path) -> None:
+    """Write construct.yaml and an @EXPLICIT lock with sha256 for RECIPE's conda environment."""
+    from builder.constructor import export_constructor as export_files  # noqa: PLC0415
+
+    for path in export_files(recipe, output):
+        click.echo(f"wrote {path}")
+
+
 def _load_any_key(path: Path, passphrase: str | None) -> tuple[PublicKey, SigningKey | None]:
     if b"PRIVATE KEY" in _read(path):
         private = load_signing_key(path, _encode(passphrase))

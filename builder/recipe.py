@@ -12,6 +12,7 @@ build) joins a path to the recipe's directory on its own.
 from __future__ import annotations
 
 import re
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -27,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from builder.evalset import EvaluationSection
 from signing.errors import FormatError, RecipeError
 from signing.manifest import BundleManifest
 
@@ -241,6 +243,9 @@ class RequiresSection(_Section):
     cpu_fallback: bool = False
     memory_mib: int | None = Field(default=None, ge=1, le=1 << 30)
     gpu_memory_mib: int | None = Field(default=None, ge=1, le=1 << 30)
+    # The host runs the standalone appliance (appliance-builder freeze) and has no Python:
+    # the environment must run under the program's own interpreter (docs/adr/0018).
+    standalone: bool = False
 
     @field_validator("cpu_flags")
     @classmethod
@@ -277,7 +282,28 @@ class Recipe(_Anchored):
     environment: PipEnvironment | CondaEnvironment | None = Field(
         default=None, discriminator="type"
     )
+    evaluation: EvaluationSection | None = None  # the install's evaluation gate (builder.evalset)
     adapters: list[AdapterSection] = Field(default_factory=list)  # LoRA (builder.adapters)
+
+    @model_validator(mode="after")
+    def _runs_standalone(self) -> Recipe:
+        """A host with no Python runs the environment under the standalone program's own
+        interpreter, which is this builder's Python (ADR 0018): refuse what it cannot run."""
+        env = self.environment
+        if not self.requires.standalone or env is None:
+            return self
+        embedded = f"{sys.version_info.major}.{sys.version_info.minor}"
+        if env.type == "conda":
+            raise ValueError(
+                "requires.standalone: a conda environment brings its own python, which cannot "
+                "run the standalone appliance; use a pip environment (docs/adr/0018)"
+            )
+        if env.python != embedded:
+            raise ValueError(
+                f"requires.standalone: the environment targets Python {env.python}, the "
+                f"standalone appliance that this builder freezes runs {embedded}"
+            )
+        return self
 
     def runtime_settings(self) -> dict[str, Any]:
         """Runtime settings as carried in the signed manifest (unset keys left out)."""
@@ -288,6 +314,7 @@ class Recipe(_Anchored):
         return {
             "model": self.model.anchored(recipe_path),
             "environment": None if env is None else env.anchored(recipe_path),
+            "evaluation": None if (ev := self.evaluation) is None else ev.anchored(recipe_path),
             "adapters": [a.anchored(recipe_path) for a in self.adapters],
         }
 

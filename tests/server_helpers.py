@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.apikeys import KeyStore, key_file
 from appliance.runtime.base import Backend, RuntimeSettings
+from appliance.server.canary import CanaryRoute
 from appliance.server.holder import ModelHolder
 from appliance.server.run import bound_port, build_server
 from appliance.server.settings import ServerSettings
@@ -137,12 +138,15 @@ class LiveServer:
 
 
 @contextmanager
-def live_server(root: Path, holder: ModelHolder, **settings: Any) -> Iterator[LiveServer]:
-    """Serve ``holder`` on a free loopback port until the block ends."""
+def live_server(
+    root: Path, holder: ModelHolder, *, canary: CanaryRoute | None = None, **settings: Any
+) -> Iterator[LiveServer]:
+    """Serve ``holder`` (and ``canary`` beside it) on a free loopback port until the block
+    ends."""
     root.mkdir(parents=True, exist_ok=True)
     key = KeyStore(key_file(root)).add(TEST_KEY_NAME)
     resolved = ServerSettings(host="127.0.0.1", port=0, **settings).resolved(root=root)
-    server = build_server(resolved, holder, log_level="warning")
+    server = build_server(resolved, holder, log_level="warning", canary=canary)
     thread = threading.Thread(target=server.run, name="test-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -150,9 +154,10 @@ def live_server(root: Path, holder: ModelHolder, **settings: Any) -> Iterator[Li
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the test server did not start")
         time.sleep(0.01)
+    scheme = "http" if resolved.tls_cert is None else "https"
     try:
         yield LiveServer(
-            url=f"http://127.0.0.1:{bound_port(server)}",
+            url=f"{scheme}://127.0.0.1:{bound_port(server)}",
             key=key,
             root=root,
             settings=resolved,

@@ -15,16 +15,25 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import version
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
+from appliance.canary import ACTIVE, CANARY
 from appliance.server.auth import KeyChecker
 from appliance.server.deps import AppState
 from appliance.server.engine import Engine
 from appliance.server.errors import install_handlers
 from appliance.server.holder import ModelHolder
-from appliance.server.middleware import BodyLimitMiddleware, KeyMiddleware, RecordMiddleware
-from appliance.server.requestlog import RequestLog
+from appliance.server.masking import MaskingPolicy, build_masker
+from appliance.server.middleware import (
+    BodyLimitMiddleware,
+    KeyMiddleware,
+    ModelScopeMiddleware,
+    RecordMiddleware,
+)
+from appliance.server.ratelimit import KeyLimiter
+from appliance.server.requestlog import RequestLog, parse_sinks
 from appliance.server.routers import (
     chat,
     completions,
@@ -38,9 +47,15 @@ from appliance.server.routers import (
 from appliance.server.settings import ServerSettings
 from signing.errors import InputError
 
+if TYPE_CHECKING:
+    from appliance.server.canary import CanaryRoute
 
-def create_app(settings: ServerSettings, holder: ModelHolder) -> FastAPI:
-    """An app serving whatever backend ``holder`` holds at the time of each request.
+
+def create_app(
+    settings: ServerSettings, holder: ModelHolder, *, canary: CanaryRoute | None = None
+) -> FastAPI:
+    """An app serving whatever backend ``holder`` holds at the time of each request (and
+    ``canary``'s to the keys it answers: appliance.server.canary).
 
     ``settings`` must name the key file and the request log (see
     :meth:`ServerSettings.resolved`): the server never guesses where its secrets are.
@@ -52,10 +67,29 @@ def create_app(settings: ServerSettings, holder: ModelHolder) -> FastAPI:
         max_concurrency=settings.concurrency,
         max_queue=settings.max_queue,
         request_timeout_s=settings.request_timeout_s,
+        canary=canary,
     )
-    request_log = RequestLog(settings.request_log)
+    engine.metrics.follow(
+        lambda: {ACTIVE: holder.get(), CANARY: canary.holder.get() if canary else None},
+        capacity=settings.concurrency,
+    )
+    request_log = RequestLog(
+        settings.request_log,
+        sinks=parse_sinks(settings.request_log_sinks),
+        max_bytes=settings.request_log_max_bytes,
+        syslog_address=settings.syslog_socket,
+    )
+    request_log.preflight()  # a tampered log: one line now, not a failed lifespan later
     keys = KeyChecker(settings.api_key_file)
-    state = AppState(settings=settings, engine=engine, keys=keys, request_log=request_log)
+    masking = MaskingPolicy(settings.masking, settings.masking_keys)
+    state = AppState(
+        settings=settings,
+        engine=engine,
+        keys=keys,
+        request_log=request_log,
+        masking=masking,
+        masker=build_masker(masking, log_prompts=settings.log_prompts),
+    )
 
     def is_public(path: str) -> bool:
         return path in health.PUBLIC_PATHS or (settings.public_docs and docs.is_docs_path(path))
@@ -85,7 +119,9 @@ def create_app(settings: ServerSettings, holder: ModelHolder) -> FastAPI:
         app.include_router(module.router)
     # Added last = outermost: the record sees every answer, the 401s and 413s included; the key
     # comes before the body limit, so that no body is read for a caller without a key.
+    # The key's model scope needs the body, so it comes inside the body limit.
+    app.add_middleware(ModelScopeMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(KeyMiddleware, keys=keys, is_public=is_public)
+    app.add_middleware(KeyMiddleware, keys=keys, is_public=is_public, limiter=KeyLimiter())
     app.add_middleware(RecordMiddleware, engine=engine, request_log=request_log)
     return app

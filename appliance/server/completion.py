@@ -24,6 +24,11 @@ from appliance.runtime.base import Backend, Generation
 from appliance.server.deps import AppState
 from appliance.server.engine import RunningGeneration
 from appliance.server.errors import APIError, ClientClosedError, InternalError, api_error_body
+from appliance.server.masking import (
+    mask_for_log,
+    note_response,
+    refuse_unmasked_model_input,
+)
 from appliance.server.openai_shapes import SSE_DONE, Shape, sse
 from appliance.server.record import RequestRecord
 from appliance.server.schemas import SamplingRequest
@@ -50,7 +55,8 @@ async def respond(
     record.stream = bool(body.stream)
     state.engine.check_model(body.model)
     if state.settings.log_prompts:
-        record.prompt = prompt
+        record.prompt = mask_for_log(state, record, prompt)
+    refuse_unmasked_model_input(state, record)  # an in-process backend: prompts go as given
     # Waiting for a slot and for the backend to take the prompt can be long: a client that
     # leaves meanwhile gives up its place (the generation, if it started, stops at once).
     running = await unless_disconnected(request.receive, state.engine.generate(record, start))
@@ -65,6 +71,7 @@ async def respond(
     except ClientClosedError:
         running.finish("cancelled")
         raise
+    note_response(state, record, text)
     return JSONResponse(shape.whole(text, finish_reason, record))
 
 

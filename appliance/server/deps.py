@@ -6,7 +6,7 @@ attribute reads (and one ``stat`` of the key file).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -14,6 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from appliance.server.auth import KeyChecker
 from appliance.server.engine import Engine
+from appliance.server.masking import Masker, MaskingPolicy
 from appliance.server.record import RequestRecord
 from appliance.server.requestlog import RequestLog
 from appliance.server.settings import ServerSettings
@@ -27,6 +28,8 @@ class AppState:
     engine: Engine
     keys: KeyChecker
     request_log: RequestLog
+    masking: MaskingPolicy = field(default_factory=lambda: MaskingPolicy("off", {}))
+    masker: Masker | None = None  # built at start when a policy can need it
 
 
 async def get_state(request: Request) -> AppState:

@@ -23,8 +23,9 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from appliance.canary import ACTIVE, CANARY
 from appliance.runtime.base import Backend, Generation, GenerationChunk
 from appliance.server.admission import Admission
 from appliance.server.errors import (
@@ -34,6 +35,9 @@ from appliance.server.errors import (
     as_api_error,
 )
 from appliance.server.holder import Lease, ModelHolder
+
+if TYPE_CHECKING:
+    from appliance.server.canary import CanaryRoute
 from appliance.server.metrics import ServerMetrics
 from appliance.server.record import RequestRecord
 from signing.errors import AirgapError, StateError
@@ -72,8 +76,10 @@ class Engine:
         max_concurrency: int,
         max_queue: int,
         request_timeout_s: float,
+        canary: CanaryRoute | None = None,
     ) -> None:
         self.holder = holder
+        self.canary = canary  # a second slot answering some keys (appliance.canary)
         self.admission = Admission(max_concurrency=max_concurrency, max_queue=max_queue)
         self.request_timeout_s = request_timeout_s
         self.metrics = ServerMetrics(
@@ -100,14 +106,29 @@ class Engine:
             raise NotReadyError("no model is loaded")
         return backend.model_id
 
+    def model_ids(self) -> list[str]:
+        """The served model ids: the active slot's, then the canary's if it has another."""
+        served = [self.model_id()]
+        model = self.canary.model() if self.canary is not None else None
+        if model is not None and model[0] not in served:
+            served.append(model[0])
+        return served
+
     def check_model(self, requested: str) -> None:
-        """404 for any model but the one served: never a silent fallback to another."""
-        served = self.model_id()
-        if requested != served:
+        """404 for any model but the one served: never a silent fallback to another. With a
+        canary, either slot's model id names the deployment; the key decides which answers."""
+        served = self.model_ids()
+        if requested not in served:
             raise ModelNotFoundError(
-                f"the model {requested!r} does not exist; this server serves {served!r}",
+                f"the model {requested!r} does not exist; this server serves "
+                + " and ".join(map(repr, served)),
                 param="model",
             )
+
+    def observe_canary(self, record: RequestRecord) -> None:
+        """A request has been answered: the canary's actor judges those it answered."""
+        if self.canary is not None:
+            self.canary.observe(record)
 
     def deadline(self, record: RequestRecord) -> float:
         """The request's deadline on the event loop's clock, counted from its arrival."""
@@ -128,16 +149,30 @@ class Engine:
                 f"request timed out after {self.request_timeout_s:g} s waiting for a free slot"
             ) from None
         try:
-            lease = self.holder.lease()
+            lease = self._lease(record)
         except StateError as exc:
             self.admission.release()
             raise NotReadyError(exc.diagnostics()) from None
-        if record.model is not None and lease.backend.model_id != record.model:
+        if (
+            record.model is not None
+            and record.model != lease.backend.model_id
+            and record.model not in self.model_ids()
+        ):
             # The model was swapped while this request waited.
             lease.release()
             self.admission.release()
             self.check_model(record.model)
         return lease
+
+    def _lease(self, record: RequestRecord) -> Lease:
+        """The one place where a request's slot is chosen: the canary's, when it answers the
+        request's key (appliance.canary), else the active one's."""
+        lease = self.canary.lease(record.key_name) if self.canary is not None else None
+        if lease is not None:
+            record.slot = CANARY
+            return lease
+        record.slot = ACTIVE
+        return self.holder.lease()
 
     def _submit(self, lease: Lease, work: Callable[[], None]) -> None:
         if self._executor is None:

@@ -1,5 +1,5 @@
-"""ASGI middleware: the request record (log + metrics) around everything, then the API key,
-then the body limit.
+"""ASGI middleware: the request record (log + metrics) around everything, then the API key
+(with its endpoint scope and rate limits), then the body limit, then the key's model scope.
 
 Pure ASGI rather than ``BaseHTTPMiddleware``: the record must see the end of a streamed
 response (its token counts are only known then), and nothing here may buffer a response.
@@ -11,6 +11,7 @@ runs the route's dependencies, so a dependency alone would come too late).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -20,9 +21,11 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from appliance.server.auth import KeyChecker
+from appliance.apikeys import ApiKey
+from appliance.server.auth import KeyChecker, check_endpoint, check_model
 from appliance.server.engine import Engine
-from appliance.server.errors import APIError, AuthenticationError, BodyTooLargeError, error_payload
+from appliance.server.errors import APIError, BodyTooLargeError, error_payload
+from appliance.server.ratelimit import KeyLimiter
 from appliance.server.record import STATE_KEY, RequestRecord
 from appliance.server.requestlog import RequestLog
 
@@ -78,6 +81,7 @@ class RecordMiddleware:
     def _finish(self, record: RequestRecord) -> None:
         try:
             self.engine.metrics.observe_request(record)
+            self.engine.observe_canary(record)
             if record.path not in UNLOGGED_PATHS:
                 self.request_log.write(record.to_log(time.monotonic()))
         except OSError:
@@ -85,29 +89,78 @@ class RecordMiddleware:
 
 
 class KeyMiddleware:
-    """401 for a request without a valid API key, unless ``is_public(path)``; the key's name
-    goes into the request record (:func:`appliance.server.deps.require_key` reads it there).
+    """401 for a request without a valid API key, unless ``is_public(path)``; 403 for a path
+    outside the key's scopes; 429 past its requests per minute or tokens per day. The key's
+    name goes into the request record (:func:`appliance.server.deps.require_key` reads it
+    there), and the tokens of the request, once it has ended, into the key's daily count.
 
     The body of a refused request is left unread: uvicorn discards it as it arrives, and the
     connection limits (:mod:`appliance.server.connections`) close a client that goes on sending.
     """
 
-    def __init__(self, app: ASGIApp, *, keys: KeyChecker, is_public: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        keys: KeyChecker,
+        is_public: Callable[[str], bool],
+        limiter: KeyLimiter,
+    ) -> None:
         self.app = app
         self.keys = keys
         self.is_public = is_public
+        self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self.is_public(scope["path"]):
             await self.app(scope, receive, send)
             return
+        record = RequestRecord.of_scope(scope)
         try:
-            name = self.keys.check(_bearer_token(scope))
-        except AuthenticationError as error:
+            key = self.keys.authenticate(_bearer_token(scope))
+            record.key_name = key.name
+            check_endpoint(key, scope["path"])
+            self.limiter.admit(key.name, key.limits)
+        except APIError as error:
             await _answer(scope, receive, send, error, close=False)
             return
-        RequestRecord.of_scope(scope).key_name = name
-        await self.app(scope, receive, send)
+        scope["state"][_KEY_STATE] = key
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.limiter.charge(key.name, record.prompt_tokens + record.completion_tokens)
+
+
+class ModelScopeMiddleware:
+    """403 for a request that names a model its key may not use. Only keys with a model scope
+    pay for it (a second parse of the body, which the body limit has read and bounded)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key = scope.get("state", {}).get(_KEY_STATE) if scope["type"] == "http" else None
+        if not isinstance(key, ApiKey) or not key.limits.models:
+            await self.app(scope, receive, send)
+            return
+        first = await receive()
+        model = _requested_model(scope, first.get("body", b""))
+        if model is not None:
+            try:
+                check_model(key, model)
+            except APIError as error:
+                await _answer(scope, receive, send, error, close=False)
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return first
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 class BodyLimitMiddleware:
@@ -176,6 +229,31 @@ def _bearer_token(scope: Scope) -> str | None:
     if scheme.lower() != "bearer" or not credentials:
         return None
     return credentials
+
+
+_KEY_STATE = "api_key"  # the caller's ApiKey, in the ASGI scope's state
+_MODEL_PATH = "/v1/models/"
+_NAMED_BY_NAME = "/api/show"  # Ollama's show takes "name" as well as "model"
+
+
+def _requested_model(scope: Scope, body: bytes) -> str | None:
+    """The model a request names: in the path of ``GET /v1/models/{id}``, else the body's
+    ``model`` (or ``name`` for Ollama's show); None if it names none (the route answers 400)."""
+    path: str = scope["path"]
+    if path.startswith(_MODEL_PATH):
+        return path[len(_MODEL_PATH) :]
+    if not body:
+        return None
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON, or nested too deep: the route says so
+        return None
+    if not isinstance(doc, dict):
+        return None
+    model = doc.get("model")
+    if model is None and path == _NAMED_BY_NAME:
+        model = doc.get("name")
+    return model if isinstance(model, str) else None
 
 
 def _content_length(scope: Scope) -> int | None:

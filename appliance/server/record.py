@@ -23,8 +23,10 @@ class RequestRecord:
     status: int | None = None
     key_name: str | None = None
     model: str | None = None
+    slot: str | None = None  # which slot answered: "active" or "canary" (appliance.canary)
     stream: bool | None = None
     prompt: str | list[Any] | None = None  # only when the operator turned on log_prompts
+    response: str | None = None  # the answer's text: log_prompts only, masked
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
@@ -63,6 +65,10 @@ class RequestRecord:
             "latency_ms": self.latency_ms(now),
             "error": self.error,
         }
+        if self.slot is not None:
+            entry["slot"] = self.slot
         if self.prompt is not None:
             entry["prompt"] = self.prompt
+        if self.response is not None:
+            entry["response"] = self.response
         return entry

@@ -48,6 +48,7 @@ from appliance.server.errors import (
     RequestTimeoutError,
     api_error_body,
 )
+from appliance.server.masking import mask_for_log, mask_for_model, note_response
 from appliance.server.openai_shapes import sse
 from appliance.server.record import RequestRecord
 from appliance.server.schemas import SamplingRequest
@@ -131,6 +132,8 @@ async def open_engine_request(
     engine's ``path``; ``check``: what else the leased backend must allow, before the prompt's
     byte bound. Anything but a 200 gives the slot and the lease back and is raised as an
     :class:`APIError`, and counted in the metrics when the engine had the request."""
+    # PII masking before anything reaches the engine; a masker that fails refuses the request.
+    mask_for_model(state, record, payload)
     engine = state.engine
     deadline = engine.deadline(record)
     lease = await unless_disconnected(request.receive, engine.admit(record, deadline))
@@ -180,7 +183,7 @@ async def relay(
     record.stream = bool(body.stream)
     state.engine.check_model(body.model)
     if state.settings.log_prompts:
-        record.prompt = prompt
+        record.prompt = mask_for_log(state, record, prompt)
     upstream = await open_engine_request(
         request,
         state,
@@ -193,12 +196,19 @@ async def relay(
     text_ids = path == "/v1/completions"
     if body.stream:
         return StreamingResponse(
-            _pass_through(upstream, usage=body.include_usage, text_ids=text_ids),
+            _pass_through(
+                upstream,
+                usage=body.include_usage,
+                text_ids=text_ids,
+                keep_text=state.settings.log_prompts,
+            ),
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
     answer = await upstream.read(request)
     _account(record, answer)
+    if state.settings.log_prompts:
+        note_response(state, record, _answer_text(answer))
     record.first_token_at = record.first_token_at or time.monotonic()
     finish(state, record, "finished")
     if text_ids:
@@ -232,11 +242,14 @@ async def within(deadline: float, work: Any) -> Any:
 
 
 async def _pass_through(
-    upstream: EngineAnswer, *, usage: bool, text_ids: bool
+    upstream: EngineAnswer, *, usage: bool, text_ids: bool, keep_text: bool = False
 ) -> AsyncIterator[bytes]:
+    """The engine's events to the client; ``keep_text``: also the answer's text for the
+    request log (log_prompts), decoded once the stream has ended."""
     record = upstream.record
     outcome = "cancelled"
     pending = b""
+    kept: list[bytes] | None = [] if keep_text else None
     try:
         async with asyncio.timeout_at(upstream.deadline):
             async for data in upstream.response.aiter_raw():
@@ -245,6 +258,8 @@ async def _pass_through(
                 if cut < 0:
                     continue
                 events, pending = pending[: cut + 2], pending[cut + 2 :]
+                if kept is not None:
+                    kept.append(events)
                 out = _inspect(record, events, usage)
                 if out:
                     yield out.replace(_CHAT_ID, _TEXT_ID) if text_ids else out
@@ -264,6 +279,8 @@ async def _pass_through(
         record.error = error.code
         yield sse(api_error_body(error))
     finally:
+        if kept is not None:
+            note_response(upstream.state, record, _streamed_text(b"".join(kept)))
         await upstream.end(outcome)
 
 
@@ -305,6 +322,32 @@ def _note(record: RequestRecord, event: bytes, include_usage: bool) -> bytes:
         return chunk
     alone = {k: data[k] for k in ("id", "object", "created", "model") if k in data}
     return chunk + b"\n\n" + head + b"data: " + _dumps({**alone, "choices": [], "usage": usage})
+
+
+def _answer_text(answer: bytes) -> str:
+    """The text of a whole chat or text completion (its first choice)."""
+    try:
+        choice = json.loads(answer)["choices"][0]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return ""
+    message = choice.get("message") or {}
+    return str(message.get("content") or choice.get("text") or "")
+
+
+def _streamed_text(events: bytes) -> str:
+    """The text of a streamed answer: its chunks' deltas (or texts), joined."""
+    parts: list[str] = []
+    for event in events.split(b"\n\n"):
+        _, _, payload = event.partition(b"data: ")
+        if not payload.strip() or payload.strip() == b"[DONE]":
+            continue
+        try:
+            choice = json.loads(payload)["choices"][0]
+            delta = choice.get("delta") or {}
+            parts.append(str(delta.get("content") or choice.get("text") or ""))
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            continue  # the usage event (no choices), or an error event
+    return "".join(parts)
 
 
 def _dumps(data: Any) -> bytes:

@@ -6,7 +6,7 @@ import logging
 import signal
 import socket
 import threading
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import uvicorn
 
@@ -14,6 +14,10 @@ from appliance.server.app import create_app
 from appliance.server.connections import ConnectionGuard, connection_limits, guarded_protocol
 from appliance.server.holder import ModelHolder
 from appliance.server.settings import ServerSettings
+from appliance.server.tls import server_context
+
+if TYPE_CHECKING:
+    from appliance.server.canary import CanaryRoute
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +25,19 @@ _STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 
 
 def build_server(
-    settings: ServerSettings, holder: ModelHolder, *, log_level: str = "info"
+    settings: ServerSettings,
+    holder: ModelHolder,
+    *,
+    log_level: str = "info",
+    canary: CanaryRoute | None = None,
 ) -> uvicorn.Server:
+    tls = server_context(settings.tls_cert, settings.tls_key, settings.tls_min_version)
     limits = connection_limits(settings.max_connections)
     guard = ConnectionGuard(
         header_timeout_s=settings.header_timeout_s, max_connections=limits.max_connections
     )
     config = uvicorn.Config(
-        create_app(settings, holder),
+        create_app(settings, holder, canary=canary),
         host=settings.host,
         port=settings.port,
         log_level=log_level,
@@ -43,11 +52,15 @@ def build_server(
         loop="asyncio",
         ws="none",
         backlog=limits.backlog,
+        # uvicorn cannot set a minimum TLS version: it serves the context built here.
+        ssl_context_factory=None if tls is None else lambda _config, _default: tls,
     )
     return uvicorn.Server(config)
 
 
-def run_server(settings: ServerSettings, holder: ModelHolder) -> None:
+def run_server(
+    settings: ServerSettings, holder: ModelHolder, *, canary: CanaryRoute | None = None
+) -> None:
     """Serve until SIGINT/SIGTERM; then finish the requests in flight (up to 10 s) and return.
 
     uvicorn re-raises the stop signal once it has shut down, to the handler that was there
@@ -55,7 +68,7 @@ def run_server(settings: ServerSettings, holder: ModelHolder) -> None:
     model. A handler of ours that only notes the signal makes a requested stop a clean return
     (exit status 0 for the service manager).
     """
-    server = build_server(settings, holder)
+    server = build_server(settings, holder, canary=canary)
     if threading.current_thread() is not threading.main_thread():
         server.run()
         return

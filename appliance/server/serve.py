@@ -33,9 +33,11 @@ from appliance.apikeys import KeyStore
 from appliance.installer import Appliance
 from appliance.runtime.base import Backend, RuntimeSettings
 from appliance.runtime.loader import load_backend, slot_runtime_settings
+from appliance.server.canary import CanaryFollower, CanaryRoute
 from appliance.server.holder import ModelHolder
 from appliance.server.run import run_server
 from appliance.server.settings import ServerSettings
+from appliance.server.tls import server_context, warn_if_plaintext
 from appliance.slots import SlotInfo, env_python
 from signing.errors import AirgapError, StateError
 
@@ -218,6 +220,9 @@ def serve(root: Path, settings: ServerSettings) -> None:
     # One line per request to the engine is httpx's INFO: not the operator's business.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = settings.resolved(root=root)
+    # A bad certificate or key is refused before a model is loaded or a socket bound.
+    tls = server_context(settings.tls_cert, settings.tls_key, settings.tls_min_version)
+    warn_if_plaintext(settings.host, tls)
     if settings.api_key_file is not None and not KeyStore(settings.api_key_file).list():
         raise StateError(
             f"no API keys in {settings.api_key_file}: create one with 'appliance keys add NAME'"
@@ -233,10 +238,20 @@ def serve(root: Path, settings: ServerSettings) -> None:
         holder.close()  # a trial rollback went back to a slot of another environment
         reexec(python)
     follower.start()
+    # The canary beside the active slot (appliance.canary): loaded now if canary.json names
+    # one, so that a restart routes every key as before; then followed like ``current``.
+    route = CanaryRoute(settings.canary_thresholds())
+    canary = CanaryFollower(
+        root, route, parallel=settings.concurrency, threads=settings.threads, active=holder
+    )
+    canary.check()
+    canary.start()
     try:
-        run_server(settings, holder)
+        run_server(settings, holder, canary=route)
     finally:
+        canary.stop()
         follower.stop()
+        route.end()
         holder.close()
     if follower.restart_into is not None:
         reexec(follower.restart_into)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final, TypeVar, cast, get_args
+from typing import Any, Final, Literal, TypeVar, cast, get_args, get_origin
 
 import click
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,7 +22,9 @@ from pydantic_settings import (
 )
 
 from appliance.apikeys import key_file
+from appliance.canary import Thresholds
 from appliance.runtime.base import RuntimeSettings
+from appliance.server.requestlog import parse_sinks
 from signing.errors import InputError
 
 REQUEST_LOG: Final = "requests.jsonl"
@@ -72,12 +74,94 @@ class ServerSettings(BaseSettings):
     request_log: Path | None = Field(
         None, description=f"JSON-lines request log (default: ROOT/{REQUEST_LOG})."
     )
+    request_log_sinks: str = Field(
+        "file",
+        description="Where request records go, comma-separated: file, stdout, syslog "
+        "(each gets the same hash-chained, masked record).",
+    )
+    request_log_max_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=4096,
+        description="Rotate the request log at this size; the new file anchors to the old.",
+    )
+    syslog_socket: Path = Field(
+        Path("/dev/log"), description="The syslog (or journald) socket of the syslog sink."
+    )
+    masking: Literal["off", "log", "model", "both"] = Field(
+        "log",
+        description="PII masking: of the prompt text logged with log_prompts (log), of "
+        "prompts before they reach the model (model), both, or off.",
+    )
+    masking_keys: dict[str, Literal["off", "log", "model", "both"]] = Field(
+        default_factory=dict,
+        description="PII masking per API key name, over 'masking': NAME=POLICY,... (a table "
+        "in the config file, JSON in the environment).",
+    )
     api_key_file: Path | None = Field(
         None, description="API key file (default: ROOT/api-keys.json)."
     )
     public_docs: bool = Field(
         False, description="Serve /docs and /openapi.json without an API key."
     )
+    tls_cert: Path | None = Field(
+        None, description="Serve HTTPS with this PEM certificate (chain) file."
+    )
+    tls_key: Path | None = Field(
+        None, description="The certificate's unencrypted PEM private key (default: in tls_cert)."
+    )
+    tls_min_version: Literal["1.2", "1.3"] | None = Field(
+        None, description="Oldest TLS version accepted (default: 1.2)."
+    )
+    canary_max_error_rate: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Abort a canary whose share of 5xx answers, over its last 200 requests, "
+        "is above this ('canary start --max-error-rate' overrides it).",
+    )
+    canary_max_p99_ms: int | None = Field(
+        None,
+        ge=1,
+        description="Abort a canary whose p99 request latency (ms) is above this (default: "
+        "not checked; 'canary start --max-p99-ms' overrides it).",
+    )
+    canary_min_requests: int = Field(
+        20,
+        ge=1,
+        le=200,
+        description="Canary requests seen before its thresholds are judged.",
+    )
+    canary_max_eval_mismatch: float | None = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Abort a canary whose bundle carries an evaluation set when the share of "
+        "its items the active model answers right and the canary does not is above this.",
+    )
+
+    @field_validator("masking_keys", mode="before")
+    @classmethod
+    def _pairs(cls, value: Any) -> Any:
+        """``alice=both,bob=off`` (the flag's form) as a mapping."""
+        if not isinstance(value, str):
+            return value
+        pairs = [p.strip() for p in value.split(",") if p.strip()]
+        if any("=" not in p for p in pairs):
+            raise ValueError("expected NAME=POLICY pairs separated by commas")
+        return dict(p.split("=", 1) for p in pairs)
+
+    @model_validator(mode="after")
+    def _text_only_masked(self) -> ServerSettings:
+        parse_sinks(self.request_log_sinks)
+        if self.log_prompts:
+            for name, policy in [("masking", self.masking), *self.masking_keys.items()]:
+                if policy not in ("log", "both"):
+                    where = "masking" if name == "masking" else f"masking_keys.{name}"
+                    raise ValueError(
+                        f"log_prompts needs {where} = 'log' or 'both': prompt text reaches "
+                        "the request log only masked"
+                    )
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -125,6 +209,15 @@ class ServerSettings(BaseSettings):
         """Requests generating at once, which is also the runtime's ``parallel``."""
         return self.max_concurrency or DEFAULT_PARALLEL
 
+    def canary_thresholds(self) -> Thresholds:
+        """The canary's abort thresholds where ``canary start`` set none (appliance.canary)."""
+        return Thresholds(
+            max_error_rate=self.canary_max_error_rate,
+            max_p99_ms=self.canary_max_p99_ms,
+            min_requests=self.canary_min_requests,
+            max_eval_mismatch=self.canary_max_eval_mismatch,
+        )
+
 
 def settings_options(command: F) -> F:
     """Decorate a click command with one option per :class:`ServerSettings` field.
@@ -134,11 +227,17 @@ def settings_options(command: F) -> F:
     """
     for name, info in reversed(ServerSettings.model_fields.items()):
         flag = "--" + name.replace("_", "-")
-        kinds = get_args(info.annotation) or (info.annotation,)
+        literal = get_origin(info.annotation) is Literal  # a plain Literal: one kind
+        kinds = (info.annotation,) if literal else get_args(info.annotation) or (info.annotation,)
         kind = next(k for k in kinds if k is not type(None))
         help_text = f"{info.description} [env APPLIANCE_{name.upper()}]"
         if kind is bool:
             option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
+        elif get_origin(kind) is dict:  # NAME=VALUE,NAME=VALUE (the field's validator parses it)
+            option = click.option(flag, name, type=str, default=None, help=help_text)
+        elif get_origin(kind) is Literal:
+            choice = click.Choice(get_args(kind))
+            option = click.option(flag, name, type=choice, default=None, help=help_text)
         else:
             click_type: Any = click.Path(path_type=Path) if kind is Path else kind
             option = click.option(flag, name, type=click_type, default=None, help=help_text)

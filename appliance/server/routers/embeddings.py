@@ -11,6 +11,7 @@ from fastapi import APIRouter
 from appliance.runtime.base import Backend
 from appliance.server.deps import KeyName, Record, State
 from appliance.server.errors import APIError
+from appliance.server.masking import mask_for_log, mask_texts_for_model
 from appliance.server.schemas import EmbeddingRequest
 
 router = APIRouter(prefix="/v1", tags=["embeddings"])
@@ -27,9 +28,9 @@ async def create_embeddings(
     engine = state.engine
     record.model = body.model
     engine.check_model(body.model)
-    texts = body.texts()
+    texts = mask_texts_for_model(state, record, body.texts())
     if state.settings.log_prompts:
-        record.prompt = texts
+        record.prompt = mask_for_log(state, record, texts)
 
     def embed(backend: Backend) -> tuple[list[list[float]], int]:
         if not backend.supports_embeddings:

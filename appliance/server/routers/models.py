@@ -1,4 +1,5 @@
-"""``GET /v1/models`` and ``GET /v1/models/{model_id}``: the one model being served."""
+"""``GET /v1/models`` and ``GET /v1/models/{model_id}``: the model being served (and the
+canary beside it, marked with its version)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,12 @@ OWNER = "airgap-appliance"
 
 @router.get("/models", summary="List the served model")
 async def list_models(engine: EngineDep, _key: KeyName) -> dict[str, Any]:
-    return {"object": "list", "data": [_model(engine.model_id(), engine.holder.loaded_at())]}
+    data = [_model(engine.model_id(), engine.holder.loaded_at())]
+    canary = engine.canary.model() if engine.canary is not None else None
+    if canary is not None:  # the slot answering some keys beside it (appliance.canary)
+        model_id, version, created = canary
+        data.append({**_model(model_id, created), "canary": True, "version": version})
+    return {"object": "list", "data": data}
 
 
 @router.get("/models/{model_id}", summary="Describe a model")

@@ -36,6 +36,7 @@ from appliance.server.errors import (
     NotReadyError,
     UnsupportedParameterError,
 )
+from appliance.server.masking import mask_for_log, mask_texts_for_model
 from appliance.server.ollama_schemas import (
     ChatRequest,
     EmbeddingsRequest,
@@ -80,7 +81,8 @@ async def chat(
     if body.tools:
         payload["tools"] = body.tools
     if state.settings.log_prompts:
-        record.prompt = body.model_dump(include={"messages"}, exclude_none=True)["messages"]
+        messages_in = body.model_dump(include={"messages"}, exclude_none=True)["messages"]
+        record.prompt = mask_for_log(state, record, messages_in)
     return await _answer(
         request, state, record, body, Answer("chat", model, record),
         path="/v1/chat/completions", payload=payload, prompt_bytes=text_bytes(messages),
@@ -96,7 +98,8 @@ async def generate(
     if not body.prompt and not body.images:
         return JSONResponse(loaded(model, "generate"))
     if state.settings.log_prompts:
-        record.prompt = body.prompt if body.raw or not body.system else [body.system, body.prompt]
+        text = body.prompt if body.raw or not body.system else [body.system, body.prompt]
+        record.prompt = mask_for_log(state, record, text)
     if body.raw:
         if body.system or body.images or body.think is not None:
             raise BadRequestError("a raw prompt takes no system, images or think", param="raw")
@@ -211,8 +214,9 @@ async def _embed(
             raise UnsupportedParameterError(
                 f"options.{name} does not apply to embeddings", param=f"options.{name}"
             )
+    texts = mask_texts_for_model(state, record, texts)
     if state.settings.log_prompts:
-        record.prompt = texts
+        record.prompt = mask_for_log(state, record, texts)
     if not texts:
         return [], 0
 
