@@ -564,6 +564,64 @@ def keys_revoke(app: Appliance, name: str) -> None:
     click.echo(f"API key {name!r} revoked")
 
 
+@cli.group("self")
+def self_group() -> None:
+    """The standalone program itself: update it from a signed bundle, go back, test it."""
+
+
+_HOME_OPTION = click.option(
+    "--home",
+    type=click.Path(path_type=Path, file_okay=False),
+    envvar="APPLIANCE_PROGRAM_HOME",
+    default=Path("/opt/appliance"),
+    show_default=True,
+    help="Where the program's versions live (HOME/current is the one in use).",
+)
+
+
+@self_group.command("update")
+@click.option("--slot", "version", help="Take the program from this version's slot.")
+@click.option("--allow-downgrade", is_flag=True, help="Replace it with an older or equal one.")
+@_HOME_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_appliance
+def self_update(
+    app: Appliance, version: str | None, allow_downgrade: bool, home: Path, as_json: bool
+) -> None:
+    """Switch to the appliance program a signed bundle carried (the active slot's by default):
+    checked against the manifest, self-tested against this host, then one atomic rename."""
+    from appliance import selfupdate  # noqa: PLC0415
+
+    summary = selfupdate.update_audited(
+        app, selfupdate.ProgramHome(home), version=version, allow_downgrade=allow_downgrade
+    )
+    if as_json:
+        emit_json(summary)
+    else:
+        was = summary["replaced"] or "none"
+        click.echo(f"program {summary['program_version']} is now current in {home} (was {was})")
+
+
+@self_group.command("rollback")
+@_HOME_OPTION
+@pass_appliance
+def self_rollback(app: Appliance, home: Path) -> None:
+    """Go back to the program that the last update replaced."""
+    from appliance import selfupdate  # noqa: PLC0415
+
+    summary = selfupdate.rollback_audited(app, selfupdate.ProgramHome(home))
+    click.echo(f"program {summary['program_version']} is current again in {home}")
+
+
+@self_group.command("test")
+@pass_appliance
+def self_test(app: Appliance) -> None:
+    """Check that this program reads this host's trust store, audit log and slots (read only)."""
+    from appliance import selfupdate  # noqa: PLC0415
+
+    click.echo(selfupdate.self_test(app.paths.root))
+
+
 @cli.group()
 def canary() -> None:
     """Serve a second slot to some API keys beside the active one (docs/operator-guide.md)."""

@@ -127,6 +127,11 @@ def build_bundle(
         files, model_path = collect_payload(recipe_path, model.source_path, model.digests)
         lora = adapter_files(recipe, model_path)  # adapters/ (builder.adapters)
         files += lora
+        if recipe.program is not None:  # appliance self update (appliance.selfupdate)
+            program = Path(recipe.program.path)
+            if not program.is_file():
+                raise InputError(f"[program] {program} is not a file (appliance-builder freeze)")
+            files.append(PayloadFile(f"program/{program.name}", program, "program"))
         files += evaluation_payload(recipe.evaluation, work=work)  # eval/ (builder.evalset)
         env = prepare_environment(recipe_path, recipe, work=work, lock=lock, jobs=jobs, say=say)
         if env is not None:

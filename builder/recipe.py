@@ -114,6 +114,16 @@ class ModelSection(_Anchored):
         return {} if self.path is None else {"path": str(recipe_path.parent / self.path)}
 
 
+class ProgramSection(_Anchored):
+    """A standalone ``appliance`` (``appliance-builder freeze``'s tar) that the bundle carries
+    for the host to switch to with ``appliance self update`` (appliance.selfupdate)."""
+
+    path: str = Field(min_length=1)
+
+    def _resolved_paths(self, recipe_path: Path) -> dict[str, Any]:
+        return {"path": str(recipe_path.parent / self.path)}
+
+
 class AdapterSection(_Anchored):
     """A LoRA adapter in GGUF (``[[adapters]]``), applied to the model when it is served; with
     ``base_sha256``, the build refuses a model whose weights are not that base."""
@@ -284,6 +294,7 @@ class Recipe(_Anchored):
     )
     evaluation: EvaluationSection | None = None  # the install's evaluation gate (builder.evalset)
     adapters: list[AdapterSection] = Field(default_factory=list)  # LoRA (builder.adapters)
+    program: ProgramSection | None = None  # a new appliance program (appliance self update)
 
     @model_validator(mode="after")
     def _runs_standalone(self) -> Recipe:
@@ -316,6 +327,7 @@ class Recipe(_Anchored):
             "environment": None if env is None else env.anchored(recipe_path),
             "evaluation": None if (ev := self.evaluation) is None else ev.anchored(recipe_path),
             "adapters": [a.anchored(recipe_path) for a in self.adapters],
+            "program": None if (p := self.program) is None else p.anchored(recipe_path),
         }
 
 

@@ -41,7 +41,7 @@ from signing.requirements import HostRequirements
 
 FORMAT_VERSION: Final = 1
 MANIFEST_TYPE: Final = "bundle"
-ENTRY_KINDS: Final = frozenset({"model", "recipe", "package", "lock", "sbom", "file"})
+ENTRY_KINDS: Final = frozenset({"model", "recipe", "package", "lock", "sbom", "file", "program"})
 BACKENDS: Final = frozenset({"llama.cpp", "transformers"})
 
 _NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -528,6 +528,8 @@ class BundleManifest:
         if self.delta is not None and not isinstance(self.delta, DeltaSpec):
             raise FormatError("manifest: delta must be a DeltaSpec")
         _check_entries(self.entries)
+        if sum(e.kind == "program" for e in self.entries) > 1:
+            raise FormatError("manifest: more than one entry of kind 'program'")
         if self.delta is not None:
             _check_delta(self.delta, self.entries)
         _check_adapters(self.model_adapters, self.entries, self.model_path)

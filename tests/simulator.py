@@ -447,6 +447,8 @@ def _kind(path: str, model_path: str) -> str:
         return "lock"
     if path == "sbom.cdx.json":
         return "sbom"
+    if path.startswith("program/"):
+        return "program"
     if path.endswith(".toml"):
         return "recipe"
     return "file"
