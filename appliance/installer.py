@@ -45,8 +45,10 @@ from signing.errors import (
     InputError,
     PolicyError,
     StateError,
+    VerificationError,
 )
 from signing.manifest import BundleManifest
+from signing.metadata import Root
 from signing.tarstream import TarReader
 
 if TYPE_CHECKING:
@@ -110,32 +112,64 @@ class Appliance:
         assume_time: datetime | None = None,
         progress: Progress | None = None,
     ) -> VerifiedManifest:
-        """Steps V1 to V9 without writing anything but the audit record."""
+        """Steps V1 to V9 without writing anything but the audit record.
+
+        Split parts that are all there with their indexed sizes are verified in one pass, as a
+        bundle file is: the signed hashes prove every data part, and only the parity parts are
+        hashed besides. If that pass fails, P1 to P3 run first and a second pass follows, so a
+        bad part is named (or rebuilt from parity) exactly as before an install.
+        """
         state, damage = self.load_state()
         clock = host_time(state, override=assume_time)
         with audited(self.audit, "verify", clock) as record:
             if damage is not None:
                 raise damage
             root = self.trust.load().root
-            with _open_stream(source, record=record, progress=progress) as (stream, split):
-                tar = open_bundle(stream, self.limits)
-                _, verified = _verified_head(
-                    tar, self.limits, root=root, clock=clock, record=record, split=split
+            try:
+                return self._verify_pass(
+                    source, root=root, clock=clock, record=record, progress=progress, quick=True
                 )
-                _start(progress, verified)
-                with (
-                    staging.verify_sink(stream, self.limits) as sink,
-                    PoolHasher(self.limits.hash_threads) as hasher,
-                ):
-                    stream_payload(
-                        tar,
-                        verified.manifest,
-                        sink,
-                        limits=self.limits,
-                        progress=progress.advance if progress else None,
-                        hasher=hasher,
-                    )
-            return verified
+            except (VerificationError, StateError):
+                if not _is_split_source(source):
+                    raise
+            return self._verify_pass(
+                source, root=root, clock=clock, record=record, progress=progress, quick=False
+            )
+
+    def _verify_pass(
+        self,
+        source: str | Sequence[str],
+        *,
+        root: Root,
+        clock: HostTime,
+        record: dict[str, Any],
+        progress: Progress | None,
+        quick: bool,
+    ) -> VerifiedManifest:
+        with _open_stream(source, record=record, progress=progress, quick=quick) as (
+            stream,
+            split,
+        ):
+            tar = open_bundle(stream, self.limits)
+            _, verified = _verified_head(
+                tar, self.limits, root=root, clock=clock, record=record, split=split
+            )
+            _start(progress, verified)
+            with (
+                staging.verify_sink(stream, self.limits) as sink,
+                PoolHasher(self.limits.hash_threads) as hasher,
+            ):
+                stream_payload(
+                    tar,
+                    verified.manifest,
+                    sink,
+                    limits=self.limits,
+                    progress=progress.advance if progress else None,
+                    hasher=hasher,
+                )
+            if quick and split is not None:
+                split.check(progress=progress, parity_only=True)
+        return verified
 
     # -- install --------------------------------------------------------------------------
 
@@ -551,10 +585,15 @@ def _reason(exc: BaseException) -> str:
 
 @contextmanager
 def _open_stream(
-    source: str | Sequence[str], *, record: dict[str, Any], progress: Progress | None
+    source: str | Sequence[str],
+    *,
+    record: dict[str, Any],
+    progress: Progress | None,
+    quick: bool = False,
 ) -> Iterator[tuple[io.FileIO | PartStream, SplitBundle | None]]:
     """The bundle's stream: one file or a pipe, or its split parts after P1 to P3
-    (appliance.parts), which the audit record then lists."""
+    (appliance.parts), which the audit record then lists; ``quick``: after P1 and P2's sizes
+    only, when every part is there (verify's first pass)."""
     sources = [source] if isinstance(source, str) else list(source)
     if not sources:
         raise InputError("no bundle given")
@@ -564,11 +603,15 @@ def _open_stream(
         return
     split = find_split(sources)
     record.update(split.audit_fields())
-    rebuilt = split.check(progress=progress)
+    rebuilt = [] if quick and split.sizes_match() else split.check(progress=progress)
     if rebuilt:
         record["rebuilt_parts"] = [p.entry.file for p in rebuilt]
     with split.open(rebuilt) as parts:
         yield parts, split
+
+
+def _is_split_source(source: str | Sequence[str]) -> bool:
+    return is_split([source] if isinstance(source, str) else list(source))
 
 
 def _open_source(source: str) -> io.FileIO:

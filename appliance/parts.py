@@ -148,12 +148,25 @@ class SplitBundle:
             "part_index": str(self.index_path),
         }
 
-    def check(self, *, progress: Progress | None = None) -> list[Part]:
+    def sizes_match(self) -> bool:
+        """P2's quick half: every part is there with the size the index gives it."""
+        for part in self.parts:
+            try:
+                if part.path is None or part.path.stat().st_size != part.entry.size:
+                    return False
+            except OSError:
+                return False
+        return True
+
+    def check(self, *, progress: Progress | None = None, parity_only: bool = False) -> list[Part]:
         """P2 and P3: every part's size, then its sha256 (in parallel); return the data parts
-        to rebuild from parity, or raise :class:`PartError` naming the first bad part."""
+        to rebuild from parity, or raise :class:`PartError` naming the first bad part.
+        ``parity_only``: the parity parts only (the data parts were proven by a verify pass)."""
         problems: dict[int, str] = {}
         to_hash: list[int] = []
         for position, part in enumerate(self.parts):
+            if parity_only and not part.parity:
+                continue
             if part.path is None:
                 problems[position] = f"{part.label} is missing"
                 continue
