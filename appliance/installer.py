@@ -383,7 +383,9 @@ class Appliance:
                 "period is open; the next install or 'appliance repair' brings it up to date"
             ) from exc
         try:
-            removed = self.slots.garbage_collect(options.keep)
+            removed = self.slots.garbage_collect(
+                options.keep, protect=_canary_slot(self.paths.root)
+            )
         except (OSError, AirgapError) as exc:
             raise ActivatedError(
                 f"{done}, but old slots could not be removed ({_reason(exc)}); "
@@ -608,6 +610,18 @@ def _open_stream(
         record["rebuilt_parts"] = [p.entry.file for p in rebuilt]
     with split.open(rebuilt) as parts:
         yield parts, split
+
+
+def _canary_slot(root: Path) -> frozenset[str]:
+    """The canary's slot, which garbage collection keeps (appliance.canary); none if the state
+    is absent or damaged (``canary status`` reports the damage)."""
+    from appliance.canary import CanaryState  # noqa: PLC0415 - only when slots are removed
+
+    try:
+        state = CanaryState.load(root)
+    except AirgapError:
+        return frozenset()
+    return frozenset({state.slot}) if state is not None else frozenset()
 
 
 def _is_split_source(source: str | Sequence[str]) -> bool:

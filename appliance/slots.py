@@ -400,11 +400,16 @@ class SlotStore:
             )
         return earlier[-1]
 
-    def garbage_collect(self, keep: int) -> builtins.list[SlotInfo]:
-        """Remove the oldest inactive slots so that at most ``keep`` remain."""
+    def garbage_collect(
+        self, keep: int, *, protect: frozenset[str] = frozenset()
+    ) -> builtins.list[SlotInfo]:
+        """Remove the oldest inactive slots so that at most ``keep`` remain; never the active
+        one, nor those in ``protect`` (a canary's)."""
         current = self.current()
         slots = self.list()
-        removable = [s for s in slots if current is None or s.id != current.id]
+        removable = [
+            s for s in slots if (current is None or s.id != current.id) and s.id not in protect
+        ]
         excess = len(slots) - max(keep, 1)
         removed = removable[: max(excess, 0)]
         for slot in removed:

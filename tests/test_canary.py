@@ -128,6 +128,19 @@ def test_start_status_abort_are_audited_and_bad_starts_refused(
     assert appliance(host.root, "history", "--check").rc == 0
 
 
+def test_an_install_keeps_the_canary_slot(two_slots: tuple[Host, str, str], model: bytes) -> None:
+    """``install --keep 1`` removes every inactive slot, but never the canary's."""
+    host, active, other = two_slots
+    assert cli(host, "start", "1.1.0", "--percent", "10").rc == 0
+    options = replace(NO_HEALTH_CHECK, keep=1)
+    files = {"model/tiny.gguf": model, "recipe.toml": b'name = "demo"\n'}
+    made, payload = host.sim.manifest(version="1.2.0", files=files, runtime=RUNTIME)
+    newest = host.appliance.install(str(host.write(host.sim.bundle_bytes(made, payload))), options)
+    remaining = {s.id for s in host.appliance.slots.list()}
+    assert remaining == {newest.id, other}, remaining
+    assert active not in remaining
+
+
 def test_start_refuses_when_both_do_not_fit_in_memory(host: Host, model: bytes) -> None:
     install(host, "1.0.0", model)
     huge = HostRequirements(memory_bytes=1 << 50, disk_bytes=1)  # 1 PiB of RAM
