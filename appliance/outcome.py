@@ -74,7 +74,9 @@ def audited(log: AuditLog, event: str, clock: HostTime, **fields: Any) -> Iterat
             yield record
     except BaseException as exc:
         outcome, error = outcome_of(exc, record)
-        if isinstance(exc, ModelError):
+        if isinstance(exc, ModelError) and record.get("health_check") != OK:
+            # A model that failed to load in the health check; one that passed it and then
+            # failed later (the evaluation gate's child) keeps its "ok", and its own record.
             record["health_check"] = "failed"
         _append_or_explain(log, event, outcome, clock, record, error=error, cause=exc)
         if isinstance(exc, OSError):
