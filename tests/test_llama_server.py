@@ -123,7 +123,9 @@ def test_decode_steps_put_all_sequences_in_one_batch(backend: LlamaServerBackend
     before = decodes()
     _run_together(backend, 4, tokens)
     calls = decodes() - before
-    assert calls < 2 * tokens, f"{calls} decode calls for 4 x {tokens} tokens generated together"
+    # Batched: about `tokens` calls, more when a request arrives late on a busy machine (2.07x
+    # seen under load); the bug makes one call per sequence and step: 4 x tokens.
+    assert calls < 3 * tokens, f"{calls} decode calls for 4 x {tokens} tokens generated together"
 
 
 def _run_together(backend: LlamaServerBackend, clients: int, tokens: int) -> None:
