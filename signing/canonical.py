@@ -44,6 +44,20 @@ _TIME_RE = re.compile(r"\A([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2})
 _KEY_IN_PATH = 64  # characters of one object key in a "$['a'][0]" location
 
 
+def exact_fields(raw: object, what: str, keys: set[str] | frozenset[str]) -> dict[str, Any]:
+    """``raw`` if it is a JSON object with exactly ``keys``; else a FormatError naming
+    ``what`` (e.g. ``"patch: base"``) and the missing and unknown fields."""
+    if not isinstance(raw, dict):
+        raise FormatError(f"{what} must be an object, not {type(raw).__name__}")
+    if set(raw) != keys:
+        missing = sorted(keys - set(raw))
+        unknown = sorted(set(raw) - keys)
+        raise FormatError(
+            f"{what} fields wrong (missing {quote(missing)}, unknown {quote(unknown)})"
+        )
+    return raw
+
+
 def _at(where: str) -> str:
     """A location for a message: 64 levels of quoted keys would still be too long a line."""
     return clip(where, MAX_QUOTED)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from signing.bounded import quote
-from signing.canonical import decode_canonical, encode_canonical, is_int
+from signing.canonical import decode_canonical, encode_canonical, exact_fields, is_int
 from signing.errors import FormatError
 
 INDEX_TYPE: Final = "bundle-parts"
@@ -242,16 +242,8 @@ def _entries(raw: object, what: str) -> tuple[PartEntry, ...]:
     return tuple(entries)
 
 
-def _exact(raw: object, what: str, keys: set[str]) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise FormatError(f"part index: {what} must be an object")
-    if set(raw) != keys:
-        missing = sorted(keys - set(raw))
-        unknown = sorted(set(raw) - keys)
-        raise FormatError(
-            f"part index: {what} fields wrong (missing {quote(missing)}, unknown {quote(unknown)})"
-        )
-    return raw
+def _exact(raw: object, what: str, keys: set[str] | frozenset[str]) -> dict[str, Any]:
+    return exact_fields(raw, f"part index: {what}", keys)
 
 
 def _int(value: object, what: str) -> int:

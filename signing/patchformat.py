@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from signing.bounded import quote
-from signing.canonical import MAX_INT, decode_canonical, encode_canonical, is_int
+from signing.canonical import MAX_INT, decode_canonical, encode_canonical, exact_fields, is_int
 from signing.errors import FormatError
 
 PATCH_TYPE: Final = "file-patch"
@@ -227,16 +227,8 @@ def _file(raw: object, what: str) -> FileRef:
     return FileRef(sha256=sha256, size=_int(fields["size"], f"{what}.size"))
 
 
-def _exact(raw: object, what: str, keys: frozenset[str]) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise FormatError(f"patch: {what} must be an object, not {type(raw).__name__}")
-    if set(raw) != keys:
-        missing = sorted(keys - set(raw))
-        unknown = sorted(set(raw) - keys)
-        raise FormatError(
-            f"patch: {what} fields wrong (missing {quote(missing)}, unknown {quote(unknown)})"
-        )
-    return raw
+def _exact(raw: object, what: str, keys: set[str] | frozenset[str]) -> dict[str, Any]:
+    return exact_fields(raw, f"patch: {what}", keys)
 
 
 def _int(value: object, what: str) -> int:
