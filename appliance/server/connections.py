@@ -20,9 +20,13 @@ Two rules, kept by :class:`ConnectionGuard` through hooks in uvicorn's h11 proto
    its own oldest members, not the clients that make requests. (nginx reuses idle keep-alive
    connections the same way when it runs out of ``worker_connections``.)
 
-The cap sits below the open-file limit by the accept batch and a reserve for the process's own
-files (:func:`connection_limits`): asyncio accepts up to ``backlog`` connections per loop
-iteration before the protocol sees any of them, so that is what the cap must leave room for.
+The cap sits below the open-file limit by three accept batches and a reserve for the process's
+own files (:func:`connection_limits`). asyncio accepts up to ``backlog`` connections per loop
+iteration, and the protocol sees a connection only two iterations after its ``accept()`` (one to
+make the transport, one to call ``connection_made``); a connection the guard drops keeps its
+socket one more iteration (``abort()`` closes it from a callback). So at the end of any
+iteration, besides the counted connections, up to one batch is accepted, one has its transport
+pending, and one is being closed: the cap leaves room for all three.
 Why not uvicorn's ``limit_concurrency``: past it uvicorn answers 503 to new *requests* and
 closes nothing, so incomplete connections would lock out the clients with keys.
 """
@@ -48,6 +52,8 @@ log = logging.getLogger(__name__)
 RESERVED_FILES: Final = 64
 MAX_BACKLOG: Final = 2048  # uvicorn's default
 MIN_CONNECTIONS: Final = 16
+# Accepted sockets the guard does not count yet, or no longer: see the module's docstring.
+_BATCHES_IN_FLIGHT: Final = 3
 _REPORT_EVERY_S: Final = 60.0
 
 
@@ -67,7 +73,7 @@ def connection_limits(max_connections: int | None) -> ConnectionLimits:
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
     backlog = max(MIN_CONNECTIONS, min(MAX_BACKLOG, soft // 8))
-    allowed = soft - backlog - RESERVED_FILES
+    allowed = soft - _BATCHES_IN_FLIGHT * backlog - RESERVED_FILES
     if allowed < MIN_CONNECTIONS:
         raise StateError(
             f"the open-file limit of this process ({soft}) is too low to serve: raise it "
