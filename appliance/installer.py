@@ -93,6 +93,17 @@ class InstallOptions:
             )
 
 
+@dataclass(frozen=True)
+class _Staged:
+    """What steps I3 to I5 leave for the rest of the install: the payload in a staging slot."""
+
+    head: BundleHead
+    verified: VerifiedManifest
+    base: SlotInfo | None  # a delta's base slot
+    seq: int
+    slot_dir: Path
+
+
 class Appliance:
     """The operations of ``appliance`` on one host root directory."""
 
@@ -247,102 +258,60 @@ class Appliance:
     ) -> SlotInfo:
         # I2: the trusted root.
         root = self.trust.load().root
-        # From split parts: P1 to P3 (docs/bundle-format.md, section 10) name a missing or bad
-        # part, or plan its rebuild from parity, before anything is read as a bundle.
-        with _open_stream(source, record=record, progress=progress) as (stream, split):
-            tar = open_bundle(stream, self.limits)
-            # I3: read, verify and judge the head before any payload byte is read (and P4:
-            # the part index must name this head).
-            head, verified = _verified_head(
-                tar, self.limits, root=root, clock=clock, record=record, split=split
-            )
-            manifest = verified.manifest
-            try:
-                check_version(
+        staged = self._stage(
+            source,
+            root=root,
+            state=state,
+            options=options,
+            clock=clock,
+            record=record,
+            progress=progress,
+        )
+        manifest, slot_dir, seq = staged.verified.manifest, staged.slot_dir, staged.seq
+        try:
+            # I5b: a delta's other entries from its base slot, checked on every core.
+            if staged.base is not None:
+                record["delta"] = fill_from_base(
+                    staged.base,
                     manifest,
-                    highest=state.highest.get(manifest.name),
-                    allow_downgrade=options.allow_downgrade,
+                    SlotPaths(slot_dir).payload,
+                    threads=self.limits.hash_threads,
                 )
-            except PolicyError as exc:
-                raise PolicyError(exc.diagnostics() + self._slot_hint(manifest)) from None
-            # I3: the hardware preflight (docs/preflight.md): a host that cannot run what the
-            # manifest requires is refused with every failed check, before anything is written.
-            if options.skip_preflight:
-                record["skip_preflight"] = True
-            elif manifest.requires is not None:
-                checks = check_host(manifest.requires, self.paths.root)
-                require_fit(checks, bundle=f"{manifest.name} {manifest.version}")
-            # I3: a delta bundle needs its exact base installed (appliance.delta).
-            base = find_base(self.slots, manifest)
-            # I4: room for the payload, so a full disk is a clear refusal, not a torn write.
-            # A delta's reused files are clones or links of the base slot's: no room needed.
-            needed = manifest.payload_size if base is None else _delta_bytes(manifest)
-            free = shutil.disk_usage(self.paths.staging).free
-            if needed > free:
-                raise StateError(
-                    f"not enough space: bundle payload needs {needed} bytes, "
-                    f"{free} free in {self.paths.root}"
-                )
-            # I5: one pass: every member is stored in staging and its stored bytes hashed; from
-            # a bundle file the kernel copies them, from a pipe a writer thread writes what was
-            # read and hashed (appliance.staging).
-            seq = state.next_seq
-            slot_dir = self.slots.new_staging(slot_id(seq, manifest))
-            try:
-                _start(progress, verified)
-                payload_dir = SlotPaths(slot_dir).payload
-                with (
-                    staging.payload_sink(payload_dir, stream, self.limits) as sink,
-                    PoolHasher(self.limits.hash_threads) as hasher,
-                ):
-                    stream_payload(
-                        tar,
-                        manifest,
-                        sink,
-                        limits=self.limits,
-                        progress=progress.advance if progress else None,
-                        hasher=hasher,
-                    )
-                # I5b: a delta's other entries from its base slot, checked on every core.
-                if base is not None:
-                    record["delta"] = fill_from_base(
-                        base, manifest, payload_dir, threads=self.limits.hash_threads
-                    )
-                fault("after-payload", self.paths.root)
-                # I6: the verified head and the slot's own record, then fsync the tree.
-                self._write_slot_metadata(
-                    slot_dir,
-                    seq=seq,
-                    verified=verified,
-                    signature_block=head.signature_block,
-                    clock=clock,
-                    options=options,
-                )
-                # I7: set the bundle's package environment up offline inside the slot and
-                # smoke-import it; then start the new slot's model in a child process (with
-                # the slot environment's interpreter when it has one) and generate a few tokens.
-                if manifest.environment is not None:
-                    record["environment"] = setup_environment(slot_dir, manifest)
-                if not options.skip_health_check:
-                    health_check(slot_dir)
-                    record["health_check"] = OK
-                # I7b: the evaluation gate (appliance.evalgate, docs/adr/0020): the new slot
-                # answers the bundle's signed evaluation set beside the active slot, if it has
-                # one; a worse slot is refused here, or with on_fail = "canary" not activated.
-                from appliance.evalgate import evaluation_gate  # noqa: PLC0415 - the runtime
+            fault("after-payload", self.paths.root)
+            # I6: the verified head and the slot's own record, then fsync the tree.
+            self._write_slot_metadata(
+                slot_dir,
+                seq=seq,
+                verified=staged.verified,
+                signature_block=staged.head.signature_block,
+                clock=clock,
+                options=options,
+            )
+            # I7: set the bundle's package environment up offline inside the slot and
+            # smoke-import it; then start the new slot's model in a child process (with
+            # the slot environment's interpreter when it has one) and generate a few tokens.
+            if manifest.environment is not None:
+                record["environment"] = setup_environment(slot_dir, manifest)
+            if not options.skip_health_check:
+                health_check(slot_dir)
+                record["health_check"] = OK
+            # I7b: the evaluation gate (appliance.evalgate, docs/adr/0020): the new slot
+            # answers the bundle's signed evaluation set beside the active slot, if it has
+            # one; a worse slot is refused here, or with on_fail = "canary" not activated.
+            from appliance.evalgate import evaluation_gate  # noqa: PLC0415 - the runtime
 
-                gate = evaluation_gate(
-                    slot_dir,
-                    previous,
-                    skip=options.skip_eval,
-                    accept_drop=options.accept_eval_drop,
-                    record=record,
-                )
-                # I8: the complete slot appears in slots/ by one rename.
-                final = self.slots.commit(slot_dir)
-            except BaseException:
-                shutil.rmtree(slot_dir, ignore_errors=True)
-                raise
+            gate = evaluation_gate(
+                slot_dir,
+                previous,
+                skip=options.skip_eval,
+                accept_drop=options.accept_eval_drop,
+                record=record,
+            )
+            # I8: the complete slot appears in slots/ by one rename.
+            final = self.slots.commit(slot_dir)
+        except BaseException:
+            shutil.rmtree(slot_dir, ignore_errors=True)
+            raise
         fault("after-commit", self.paths.root)
         if not gate.activate:  # I7b's "canary" policy: installed and remembered, not activated
             record["canary_only"] = True
@@ -394,6 +363,108 @@ class Appliance:
         if removed:
             record["removed_slots"] = [s.id for s in removed]
         return SlotInfo.read(final)
+
+    def _stage(
+        self,
+        source: str | Sequence[str],
+        *,
+        root: Root,
+        state: HostState,
+        options: InstallOptions,
+        clock: HostTime,
+        record: dict[str, Any],
+        progress: Progress | None,
+    ) -> _Staged:
+        """Steps I3 to I5: the verified head, judged, and the payload in a new staging slot.
+
+        Split parts that are all there at their indexed sizes are read in one pass, each part
+        checked as it is read by the signed hashes (per member, and per 64 MiB chunk). A pass
+        that fails to verify discards its staging slot, runs P1 to P3 to name the bad part (or
+        rebuild it from parity) and reads again (ADR 0015, amended); a refusal of the bundle
+        itself (its version, the host, the delta's base) is not retried.
+        """
+        quick = _is_split_source(source)
+        while True:
+            try:
+                with _open_stream(source, record=record, progress=progress, quick=quick) as (
+                    stream,
+                    split,
+                ):
+                    tar = open_bundle(stream, self.limits)
+                    # I3: read, verify and judge the head before any payload byte is read
+                    # (and P4: the part index must name this head).
+                    head, verified = _verified_head(
+                        tar, self.limits, root=root, clock=clock, record=record, split=split
+                    )
+                    manifest = verified.manifest
+                    base = self._judge(manifest, state, options, record)
+                    # I5: one pass: every member is stored in staging and its stored bytes
+                    # hashed; from a bundle file the kernel copies them, from a pipe a writer
+                    # thread writes what was read and hashed (appliance.staging).
+                    seq = state.next_seq
+                    slot_dir = self.slots.new_staging(slot_id(seq, manifest))
+                    payload_dir = SlotPaths(slot_dir).payload
+                    try:
+                        _start(progress, verified)
+                        with (
+                            staging.payload_sink(payload_dir, stream, self.limits) as sink,
+                            PoolHasher(self.limits.hash_threads) as hasher,
+                        ):
+                            stream_payload(
+                                tar,
+                                manifest,
+                                sink,
+                                limits=self.limits,
+                                progress=progress.advance if progress else None,
+                                hasher=hasher,
+                            )
+                    except BaseException:
+                        shutil.rmtree(slot_dir, ignore_errors=True)
+                        raise
+                    return _Staged(
+                        head=head, verified=verified, base=base, seq=seq, slot_dir=slot_dir
+                    )
+            except VerificationError:
+                if not quick:
+                    raise
+                quick = False
+
+    def _judge(
+        self,
+        manifest: BundleManifest,
+        state: HostState,
+        options: InstallOptions,
+        record: dict[str, Any],
+    ) -> SlotInfo | None:
+        """Step I3's judgement of a verified bundle, and I4: its version, the host's fitness,
+        a delta's base (returned), the room its payload needs."""
+        try:
+            check_version(
+                manifest,
+                highest=state.highest.get(manifest.name),
+                allow_downgrade=options.allow_downgrade,
+            )
+        except PolicyError as exc:
+            raise PolicyError(exc.diagnostics() + self._slot_hint(manifest)) from None
+        # I3: the hardware preflight (docs/preflight.md): a host that cannot run what the manifest
+        # requires is refused with every failed check, before anything is written.
+        if options.skip_preflight:
+            record["skip_preflight"] = True
+        elif manifest.requires is not None:
+            checks = check_host(manifest.requires, self.paths.root)
+            require_fit(checks, bundle=f"{manifest.name} {manifest.version}")
+        # I3: a delta bundle needs its exact base installed (appliance.delta).
+        base = find_base(self.slots, manifest)
+        # I4: room for the payload, so a full disk is a clear refusal, not a torn write. A delta's
+        # reused files are clones or links of the base slot's: no room needed.
+        needed = manifest.payload_size if base is None else _delta_bytes(manifest)
+        free = shutil.disk_usage(self.paths.staging).free
+        if needed > free:
+            raise StateError(
+                f"not enough space: bundle payload needs {needed} bytes, "
+                f"{free} free in {self.paths.root}"
+            )
+        return base
 
     def _write_slot_metadata(
         self,
@@ -595,7 +666,7 @@ def _open_stream(
 ) -> Iterator[tuple[io.FileIO | PartStream, SplitBundle | None]]:
     """The bundle's stream: one file or a pipe, or its split parts after P1 to P3
     (appliance.parts), which the audit record then lists; ``quick``: after P1 and P2's sizes
-    only, when every part is there (verify's first pass)."""
+    only, when every part is there (the first pass of verify and of install)."""
     sources = [source] if isinstance(source, str) else list(source)
     if not sources:
         raise InputError("no bundle given")

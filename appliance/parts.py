@@ -181,9 +181,10 @@ class SplitBundle:
                 )
             else:
                 to_hash.append(position)
-        if progress is not None:
+        if progress is not None and to_hash:
             total = sum(self.parts[i].entry.size for i in to_hash)
-            progress.start(total, f"checking {len(to_hash)} parts")
+            noun = "part" if len(to_hash) == 1 else "parts"
+            progress.start(total, f"checking {len(to_hash)} {noun}")
         advance = progress.advance if progress is not None else None
         by_sha = {p.entry.sha256: p for p in self.parts}
         workers = max(1, min(len(to_hash), os.cpu_count() or 1, HOST_LIMITS.part_hash_threads))

@@ -5,8 +5,9 @@ Real bundles (tests/simulator.py, real signatures), really split by builder.spli
 files, and real damage to those files: flipped bytes, truncation, a missing part, swapped
 parts, a part or an index from another bundle. Every refusal is checked as the attack tests
 do (tests/test_attacks.py): the exact exception class and line, the host unchanged, staging
-empty, and the refusal audited; for the part checks, before the head was even read (nothing
-was written). With parity, lost and corrupt parts are rebuilt and the install goes on.
+empty, and the refusal audited. Good parts are read once; a pass that fails runs the part
+check, which names the bad part (ADR 0015, amended). With parity, lost and corrupt parts are
+rebuilt and the install goes on.
 """
 
 from __future__ import annotations
@@ -224,7 +225,52 @@ def _damage(path: Path, how: str) -> None:
     path.write_bytes(bytes(blob))
 
 
-def test_a_flipped_byte_names_the_part_before_the_head_is_read(
+class _Phases:
+    """A progress recorder: each phase's description and the bytes done in it."""
+
+    def __init__(self) -> None:
+        self.phases: list[list[Any]] = []
+
+    def start(self, total: int, description: str) -> None:
+        self.phases.append([description, 0])
+
+    def advance(self, amount: int) -> None:
+        self.phases[-1][1] += amount
+
+    def checks(self) -> list[str]:
+        return [d for d, _ in self.phases if d.startswith("checking")]
+
+
+def test_good_parts_are_read_once_and_checked_as_they_are_read(
+    installed_host: Host, split2: tuple[Path, PartIndex, bytes]
+) -> None:
+    out, index, data = split2
+    app = installed_host.appliance
+    last = out / index.parts[-1].file
+
+    def read_once(run: Any) -> None:
+        phases = _Phases()
+        run(phases)
+        # No part check before the read: the parts' bytes go through once, as the bundle's
+        # payload (ADR 0015, amended), not once more to hash each part.
+        assert phases.checks() == []
+        assert sum(done for _, done in phases.phases) < len(data)
+
+    read_once(lambda progress: app.verify(str(out), progress=progress))
+    # A flipped byte in the last part: the one pass reaches it and fails; the part check that
+    # follows names the part, and the first pass's staging slot is gone.
+    _damage(last, "flip")
+    phases = _Phases()
+    with pytest.raises(PartError, match=rf"part {len(index.parts)} of \d+ \(.*\) is corrupt"):
+        app.install(str(out), OPTIONS, progress=phases)
+    assert phases.phases[0][0] != phases.phases[-1][0] == f"checking {len(index.parts)} parts"
+    assert installed_host.staging_entries() == []
+    _damage(last, "flip")  # flipped back
+    read_once(lambda progress: app.install(str(out), OPTIONS, progress=progress))
+    assert installed_host.active_payload() == _files(2)
+
+
+def test_a_flipped_byte_names_the_part(
     installed_host: Host, split2: tuple[Path, PartIndex, bytes]
 ) -> None:
     out, index, _ = split2
@@ -239,9 +285,9 @@ def test_a_flipped_byte_names_the_part_before_the_head_is_read(
         f"{hashlib.sha256(blob).hexdigest()[:16]}... expected {last.sha256[:16]}...; "
         "re-copy it from the source medium",
     )
-    # Refused at P3: the head was never read, let alone a payload byte written.
-    assert "manifest_sha256" not in record
+    # Refused at P3, after the one pass had read the head and reached the bad part.
     assert record["parts"] == k
+    assert record["manifest_sha256"] == index.manifest_sha256
 
 
 def test_a_truncated_part_is_named(
