@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -409,6 +410,35 @@ def split(bundle: Path, size_text: str, parity: int, output: Path) -> None:
         f"wrote {len(index.parts)} part(s) of at most {index.part_size} bytes"
         + (f" and {index.parity_count} parity part(s)" if index.parity_count else "")
         + f" and {index.index_file} to {output}: {index.name} {index.version}"
+    )
+
+
+@cli.command("convert-lora")
+@click.argument("adapter", type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--base",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="The base model's Hugging Face folder (only its config.json is read).",
+)
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True)
+@click.option(
+    "--outtype",
+    type=click.Choice(["f32", "f16", "bf16", "q8_0"]),
+    default="f16",
+    show_default=True,
+)
+def convert_lora(adapter: Path, base: Path, output: Path, outtype: str) -> None:
+    """Convert the PEFT LoRA folder ADAPTER (adapter_config.json, adapter_model.safetensors)
+    to a GGUF LoRA adapter with llama.cpp's convert_lora_to_gguf.py, for a recipe's
+    [[adapters]]. Offline: the hub is never asked."""
+    from builder.lora import convert_lora as convert  # noqa: PLC0415 - the converter venv
+
+    done = convert(adapter, base=base, out=output, outtype=outtype, say=_say)
+    click.echo(
+        f"wrote {done.path}: GGUF LoRA adapter, {done.tensors} tensors, alpha {done.lora_alpha:g}"
+        f"\nsha256 {done.sha256}\n"
+        f"for a recipe: [[adapters]] path = {json.dumps(str(done.path))}"
     )
 
 

@@ -9,13 +9,17 @@ process) applying the converted adapter to the base converted by convert_hf_to_g
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers_cli import assert_error, builder, ok
+from realmodel import chat_gguf
 
 from builder.lora import convert_lora
 from signing.errors import InputError
@@ -70,11 +74,12 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def converted(folders: dict[str, Path]) -> Path:
+    """The adapter converted by the builder's command, which says what a recipe needs."""
     out = folders["root"] / "adapter.gguf"
-    result = convert_lora(folders["adapter"], base=folders["hf"], out=out)
-    assert result.path == out
-    assert result.tensors == LAYERS * 2 * 2
-    assert result.lora_alpha == ALPHA
+    said = ok(builder("convert-lora", folders["adapter"], "--base", folders["hf"], "-o", out)).out
+    assert f"GGUF LoRA adapter, {LAYERS * 2 * 2} tensors, alpha {ALPHA}" in said
+    assert f"sha256 {hashlib.sha256(out.read_bytes()).hexdigest()}" in said
+    assert f'[[adapters]] path = "{out}"' in said
     return out
 
 
@@ -168,3 +173,101 @@ def test_refusals_name_the_problem(folders: dict[str, Path], tmp_path: Path) -> 
     out.write_bytes(b"")
     with pytest.raises(InputError, match="exists"):
         convert_lora(folders["adapter"], base=folders["hf"], out=out)
+    # The command: one line and exit 2, as every input error.
+    assert_error(
+        builder("convert-lora", pickled, "--base", folders["hf"], "-o", tmp_path / "b.gguf"),
+        2,
+        "adapter_model.bin is a pickle",
+    )
+
+
+def write_peft_adapter_for(model: Path, out: Path, *, scale: float = 0.05) -> Path:
+    """A PEFT LoRA folder for the real GGUF ``model`` (a Qwen2: q_proj and v_proj of every
+    layer) and the Hugging Face base folder the converter reads: config.json alone, its numbers
+    taken from the GGUF's own metadata. Returns the base folder."""
+    import torch
+    from safetensors.torch import save_file
+
+    reader = gguf.GGUFReader(str(model))
+
+    def number(key: str) -> int:
+        field = reader.fields[key]
+        return int(field.parts[field.data[0]][0])
+
+    arch = _text(reader, "general.architecture")
+    assert arch == "qwen2", arch
+    hidden, layers = number("qwen2.embedding_length"), number("qwen2.block_count")
+    heads, kv_heads = number("qwen2.attention.head_count"), number("qwen2.attention.head_count_kv")
+    base = out / "base"
+    base.mkdir(parents=True)
+    config = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "intermediate_size": number("qwen2.feed_forward_length"),
+        "max_position_embeddings": number("qwen2.context_length"),
+        "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data),
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+    }
+    (base / "config.json").write_text(json.dumps(config))
+    generator = torch.Generator().manual_seed(1)
+    kv = hidden // heads * kv_heads
+    tensors = {}
+    for layer in range(layers):
+        for proj, rows in (("q_proj", hidden), ("v_proj", kv)):
+            name = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+            tensors[f"{name}.lora_A.weight"] = (
+                torch.randn(RANK, hidden, generator=generator) * scale
+            )
+            tensors[f"{name}.lora_B.weight"] = torch.randn(rows, RANK, generator=generator) * scale
+    adapter = out / "adapter"
+    adapter.mkdir()
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": RANK,
+                "lora_alpha": ALPHA,
+                "bias": "none",
+                "target_modules": ["q_proj", "v_proj"],
+                "task_type": "CAUSAL_LM",
+            }
+        )
+    )
+    return base
+
+
+@pytest.mark.slow
+def test_a_real_quantised_model_serves_with_a_converted_adapter(tmp_path: Path) -> None:
+    """The LoRA path on what users run: a PEFT adapter for the real Qwen2.5-Coder 0.5B,
+    converted by the command, applied by llama-server (``--lora``, as ``serve`` runs it) on top
+    of the Q4_K_M weights' quantised kernels, answers, and answers differently."""
+    pytest.importorskip("llama_cpp")
+    from server_helpers import llama_settings
+
+    from appliance.runtime.base import SamplingParams
+    from appliance.runtime.loader import load_backend
+
+    model = chat_gguf()
+    base = write_peft_adapter_for(model, tmp_path)
+    adapter = tmp_path / "style.gguf"
+    ok(builder("convert-lora", tmp_path / "adapter", "--base", base, "-o", adapter))
+
+    def greedy(adapters: tuple[Path, ...]) -> str:
+        settings = llama_settings(model, parallel=1, context=512)
+        backend = load_backend(replace(settings, adapters=adapters))
+        try:
+            params = SamplingParams(max_tokens=16, temperature=0.0)
+            return "".join(c.text for c in backend.generate("def fibonacci(n):", params).chunks)
+        finally:
+            backend.close()
+
+    plain, tuned = greedy(()), greedy((adapter,))
+    assert plain.strip() and tuned.strip()
+    assert tuned != plain, plain
