@@ -19,7 +19,6 @@ the same way, with the reason; the active slot goes on answering everyone.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -34,6 +33,7 @@ from appliance.installer import Appliance
 from appliance.runtime.base import Backend, ChatMessage, RuntimeSettings, SamplingParams
 from appliance.runtime.loader import load_backend, slot_runtime_settings
 from appliance.server.holder import Lease, ModelHolder
+from appliance.server.poller import Poller
 from appliance.server.record import RequestRecord
 from appliance.slots import SlotPaths
 from signing.errors import AirgapError, HostBusyError, StateError
@@ -103,7 +103,7 @@ class CanaryRoute:
         return backend.model_id, state.version, self.holder.loaded_at()
 
 
-class CanaryFollower:
+class CanaryFollower(Poller):
     """Keeps ``route`` serving the canary that ``ROOT/canary.json`` names; aborts it when it
     exceeds its thresholds or cannot be served."""
 
@@ -118,27 +118,19 @@ class CanaryFollower:
         interval_s: float = POLL_S,
         active: ModelHolder | None = None,
     ) -> None:
+        super().__init__(
+            name="appliance-canary", interval_s=interval_s, what="following the canary"
+        )
         self._appliance = Appliance(root)
         self._active = active  # the active slot's model, for the evaluation set
         self._route = route
         self._parallel = parallel
         self._threads = threads
         self._load = load
-        self._interval_s = interval_s
         self._given_up: CanaryState | None = None  # aborted here; the host's abort may be due
         self._pending: tuple[str, dict[str, object] | None] | None = None  # (reason, measured)
         self._retry_at = 0.0  # the host lock was busy: the next abort attempt, not before
         self._damage: str | None = None  # the damage last logged (once, not every poll)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="appliance-canary", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
 
     def check(self) -> None:
         """Judge the canary, then follow the state file (one poll)."""
@@ -275,13 +267,6 @@ class CanaryFollower:
         except AirgapError as exc:  # the operator changed the canary meanwhile: theirs wins
             log.warning("canary abort not recorded: %s", exc.diagnostics())
         self._pending = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            try:
-                self.check()
-            except Exception:  # the follower must outlive any surprise; the server goes on
-                log.exception("following the canary failed")
 
 
 def _answers_right(backend: Backend, item: EvalItem, max_tokens: int) -> bool:

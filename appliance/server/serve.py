@@ -23,7 +23,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -35,6 +34,7 @@ from appliance.runtime.base import Backend, RuntimeSettings
 from appliance.runtime.loader import load_backend, slot_runtime_settings
 from appliance.server.canary import CanaryFollower, CanaryRoute
 from appliance.server.holder import ModelHolder
+from appliance.server.poller import Poller
 from appliance.server.run import run_server
 from appliance.server.settings import ServerSettings
 from appliance.server.tls import server_context, warn_if_plaintext
@@ -77,7 +77,7 @@ def reexec(python: Path) -> NoReturn:
     os.execv(python, [str(python), "-m", "appliance", *sys.argv[1:]])  # noqa: S606
 
 
-class SlotFollower:
+class SlotFollower(Poller):
     """Keeps ``holder`` serving the model of the active slot (a thread polls ``current``)."""
 
     def __init__(
@@ -90,25 +90,17 @@ class SlotFollower:
         load: Callable[[RuntimeSettings], Backend] = load_backend,
         interval_s: float = POLL_S,
     ) -> None:
+        super().__init__(
+            name="appliance-follow", interval_s=interval_s, what="following the active slot"
+        )
         self._appliance = Appliance(root)
         self._holder = holder
         self._parallel = parallel
         self._threads = threads  # the operator's, over the recipe's
         self._load = load
-        self._interval_s = interval_s
         self._serving: str | None = None  # the slot whose model the holder has
         self._unconfirmed: str | None = None  # loaded, but the host lock was busy
         self.restart_into: Path | None = None  # the slot needs another interpreter
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="appliance-follow", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
 
     def load_active(self) -> None:
         """Load the active slot's model into the holder (at start: failures are raised)."""
@@ -205,13 +197,6 @@ class SlotFollower:
             return self._appliance.paths.current.readlink().name
         except OSError:
             return None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            try:
-                self.check()
-            except Exception:  # the follower must outlive any surprise; the server goes on
-                log.exception("following the active slot failed")
 
 
 def serve(root: Path, settings: ServerSettings) -> None:
