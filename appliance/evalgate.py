@@ -27,9 +27,6 @@ and all), for ``status``. What the gate found goes into the install's audit reco
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -46,8 +43,8 @@ from appliance.evalset import (
 from appliance.evalstats import McNemar, mcnemar_exact, percentile
 from appliance.fsutil import atomic_write
 from appliance.limits import HOST_LIMITS
-from appliance.runtime.loader import PARENT_ENV
-from appliance.slots import SlotInfo, SlotPaths, env_python
+from appliance.runtime.loader import run_slot_child
+from appliance.slots import SlotInfo, SlotPaths
 from signing.bounded import listing, one_line, quote
 from signing.canonical import encode_canonical
 from signing.errors import IntegrityError, ModelError, PolicyError
@@ -303,31 +300,20 @@ def _answers(
 ) -> list[Answer]:
     """``slot``'s answers to every item, from an evaluation child (appliance.runtime.evalrun),
     in the set's order."""
-    python = env_python(slot)
-    command = [
-        str(python or sys.executable),
-        "-m",
+    timeout = HOST_LIMITS.health_check_timeout_s + PER_ITEM_TIMEOUT_S * len(items)
+    result = run_slot_child(
+        slot,
         "appliance.runtime.evalrun",
-        str(slot),
         str(set_file),
         str(policy.max_tokens),
         str(threads),
-    ]
-    timeout = HOST_LIMITS.health_check_timeout_s + PER_ITEM_TIMEOUT_S * len(items)
-    try:
-        result = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            env=os.environ | {PARENT_ENV: str(os.getpid())},
-        )
-    except subprocess.TimeoutExpired:
+        timeout_s=timeout,
+    )
+    if result is None:
         raise ModelError(
             f"evaluation gate: {what} did not answer the set within {timeout:.0f} s "
             "(install with --skip-eval to skip the gate, audited)"
-        ) from None
+        )
     if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         reason = one_line(lines[-1]) if lines else f"exit status {result.returncode}"

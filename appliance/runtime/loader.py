@@ -58,16 +58,17 @@ def load_backend(settings: RuntimeSettings) -> Backend:
     return load_transformers(settings)
 
 
-def health_check(slot: Path, *, timeout_s: float = HOST_LIMITS.health_check_timeout_s) -> str:
-    """Load the slot's model in a child process and generate a few tokens; return the text.
-
-    The child runs under the slot environment's interpreter when the slot has one (its own
-    packages first, the appliance's after them: docs/adr/0007), else under this one.
-    """
+def run_slot_child(
+    slot: Path, module: str, *args: str, timeout_s: float
+) -> subprocess.CompletedProcess[str] | None:
+    """``python -m module SLOT ARGS`` under the slot environment's interpreter when the slot has
+    one (its own packages first, the appliance's after them: docs/adr/0007), else under this
+    one; its output as text, or None when it ran past ``timeout_s`` (it is killed then). The
+    child knows its parent (:data:`PARENT_ENV`): it dies with the installer."""
     python = env_python(slot)
-    command = [str(python or sys.executable), "-m", "appliance.runtime.healthcheck", str(slot)]
+    command = [str(python or sys.executable), "-m", module, str(slot), *args]
     try:
-        result = subprocess.run(
+        return subprocess.run(
             command,
             capture_output=True,
             text=True,
@@ -76,9 +77,14 @@ def health_check(slot: Path, *, timeout_s: float = HOST_LIMITS.health_check_time
             env=os.environ | {PARENT_ENV: str(os.getpid())},
         )
     except subprocess.TimeoutExpired:
-        raise ModelError(
-            f"health check: the model did not answer within {timeout_s:.0f} s"
-        ) from None
+        return None
+
+
+def health_check(slot: Path, *, timeout_s: float = HOST_LIMITS.health_check_timeout_s) -> str:
+    """Load the slot's model in a child process and generate a few tokens; return the text."""
+    result = run_slot_child(slot, "appliance.runtime.healthcheck", timeout_s=timeout_s)
+    if result is None:
+        raise ModelError(f"health check: the model did not answer within {timeout_s:.0f} s")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     if result.returncode != 0:
         reasons = [line for line in lines if not line.startswith(MEMORY_PREFIX)]
