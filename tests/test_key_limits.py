@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from server_helpers import (
     HAVE_LLAMA,
     LLAMA_MISSING,
     MODEL_ID,
+    TEST_KEY_NAME,
     LiveServer,
     chat_messages,
     live_server,
@@ -34,6 +36,7 @@ from appliance.server.ratelimit import (
     RequestRateError,
     TokenQuotaError,
 )
+from appliance.server.requestlog import RequestLog
 from signing.errors import InputError, IntegrityError
 
 
@@ -95,6 +98,68 @@ def test_tokens_per_day_is_a_rolling_window_of_hourly_buckets() -> None:
     limiter.admit("a", limits)
     clock.now += 3 * BUCKET_S
     assert limiter.tokens_used("a") == 0
+
+
+def test_restored_tokens_expire_when_their_hour_leaves_the_window() -> None:
+    clock = Clock(start=50 * BUCKET_S + 600)  # 10 min into an hour
+    limiter = KeyLimiter(clock=clock)
+    charged = limiter.restore(
+        [
+            ("a", 23 * BUCKET_S, 40),  # ended 23 h ago: leaves the window within the hour
+            ("a", 60.0, 30),  # a minute ago
+            ("b", 24 * BUCKET_S, 99),  # a day ago: out of the window, nothing charged
+            ("c", 5.0, 0),
+        ]
+    )
+    assert charged == 1
+    assert (limiter.tokens_used("a"), limiter.tokens_used("b")) == (70, 0)
+    with pytest.raises(TokenQuotaError) as caught:
+        limiter.admit("a", KeyLimits(tokens_per_day=70))
+    assert caught.value.retry_after_s <= BUCKET_S  # the 23 h old tokens go first
+    clock.now += BUCKET_S
+    assert limiter.tokens_used("a") == 30
+    limiter.admit("a", KeyLimits(tokens_per_day=70))
+
+
+def test_the_request_log_gives_the_last_days_usage_across_rotated_files(tmp_path: Path) -> None:
+    now = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+
+    def at(hours_ago: float, key: str | None, tokens: int, latency_ms: int = 0) -> dict[str, Any]:
+        time = (now - timedelta(hours=hours_ago)).isoformat().replace("+00:00", "Z")
+        return {
+            "time": time,
+            "key": key,
+            "route": "/v1/chat/completions",
+            "status": 200,
+            "prompt_tokens": tokens,
+            "completion_tokens": 1,
+            "latency_ms": latency_ms,
+        }
+
+    log = RequestLog(tmp_path / "requests.jsonl", max_bytes=600)  # a few records per file
+    log.open()
+    try:
+        for entry in [
+            at(30, "a", 1000),  # in a file wholly before the window: not even read
+            at(29, "a", 1000),
+            at(25, "a", 1000),
+            at(24.01, "a", 9, latency_ms=60_000),  # ended within the window
+            at(23, "a", 9),
+            at(2, None, 50),  # a public path: no key
+            at(1, "b", 4),
+            at(0.5, "a", 9),
+            at(-1, "b", 4),  # from a clock ahead: counted as now
+        ]:
+            log.write(entry)
+    finally:
+        log.close()
+    assert len(log.files.rotated()) >= 2
+    used: dict[str, int] = {}
+    for key, age, tokens in log.recent_usage(24 * 3600.0, now=now):
+        assert 0 <= age < 24 * 3600
+        used[key] = used.get(key, 0) + tokens
+    assert used == {"a": 30, "b": 10}
+    assert RequestLog(tmp_path / "x.jsonl", sinks=("stdout",)).recent_usage(86400.0) == []
 
 
 def test_a_refused_request_counts_nothing() -> None:
@@ -339,6 +404,30 @@ def test_tokens_per_day_answers_429_once_used_up(server: LiveServer) -> None:
         f"Limit 8, Used {first.usage.total_tokens}."
     )
     assert 22 * 3600 < int(caught.value.response.headers["retry-after"]) <= 24 * 3600
+
+
+def test_a_restart_keeps_the_days_tokens(tmp_path: Path) -> None:
+    if not HAVE_LLAMA:
+        pytest.skip(LLAMA_MISSING)
+    holder = ModelHolder(load_model(write_model(tmp_path / "tiny.gguf"), parallel=1))
+    root = tmp_path / "root"
+    try:
+        with live_server(root, holder, max_concurrency=1) as first:
+            key = first.keys().add("tpd", KeyLimits(tokens_per_day=8))
+            reply = first.client(key=key).chat.completions.create(
+                model=MODEL_ID, messages=chat_messages(), max_tokens=3, temperature=0
+            )
+            assert reply.usage is not None and reply.usage.total_tokens >= 8
+            first.keys().revoke(TEST_KEY_NAME)  # the next live_server makes its own
+        with live_server(root, holder, max_concurrency=1) as second:
+            with pytest.raises(openai.RateLimitError) as caught:
+                second.client(key=key).models.list()
+            assert error_of(caught.value)["message"] == (
+                "Rate limit reached for key 'tpd' on tokens per day (TPD): "
+                f"Limit 8, Used {reply.usage.total_tokens}."
+            )
+    finally:
+        holder.close()
 
 
 def test_streamed_tokens_count_too(server: LiveServer) -> None:

@@ -12,6 +12,7 @@ before the body is read (docs/adr/0009-server-limits.md).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import version
@@ -32,7 +33,7 @@ from appliance.server.middleware import (
     ModelScopeMiddleware,
     RecordMiddleware,
 )
-from appliance.server.ratelimit import KeyLimiter
+from appliance.server.ratelimit import TOKEN_WINDOW_S, KeyLimiter
 from appliance.server.requestlog import RequestLog, parse_sinks
 from appliance.server.routers import (
     chat,
@@ -46,6 +47,8 @@ from appliance.server.routers import (
 )
 from appliance.server.settings import ServerSettings
 from signing.errors import InputError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from appliance.server.canary import CanaryRoute
@@ -94,9 +97,17 @@ def create_app(
     def is_public(path: str) -> bool:
         return path in health.PUBLIC_PATHS or (settings.public_docs and docs.is_docs_path(path))
 
+    limiter = KeyLimiter()
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         request_log.open()
+        # A restart does not give every key a new day's tokens: the log has what they used.
+        keys_charged = limiter.restore(request_log.recent_usage(TOKEN_WINDOW_S))
+        if keys_charged:
+            log.info(
+                "tokens per day: the request log's last 24 h charged to %d key(s)", keys_charged
+            )
         engine.start()
         try:
             yield
@@ -122,6 +133,6 @@ def create_app(
     # The key's model scope needs the body, so it comes inside the body limit.
     app.add_middleware(ModelScopeMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(KeyMiddleware, keys=keys, is_public=is_public, limiter=KeyLimiter())
+    app.add_middleware(KeyMiddleware, keys=keys, is_public=is_public, limiter=limiter)
     app.add_middleware(RecordMiddleware, engine=engine, request_log=request_log)
     return app

@@ -10,9 +10,12 @@
   request is told how long until enough of the oldest buckets have expired.
 
 Both are O(1) per request (the bucket arithmetic; at most 24 buckets to expire or to walk) and
-thread-safe (one lock, held for a few arithmetic operations). The counts live in memory: a
-restart of ``serve`` forgets them (docs/adr/0016-key-scopes-and-limits.md). Time is a
-monotonic clock, passed in: a wrong or jumping wall clock on an isolated host changes nothing.
+thread-safe (one lock, held for a few arithmetic operations). The counts live in memory; at
+start, ``serve`` charges them again from the request log's records of the last 24 hours
+(:meth:`KeyLimiter.restore`), so a restart does not hand every key a new day's tokens
+(docs/adr/0016-key-scopes-and-limits.md). The request rate starts afresh: a minute's bucket.
+Time is a monotonic clock, passed in: a wrong or jumping wall clock on an isolated host changes
+nothing, except which of the log's records are within the last 24 hours at a start.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
@@ -29,6 +32,7 @@ from appliance.server.errors import APIError
 
 WINDOW_BUCKETS: Final = 24
 BUCKET_S: Final = 3600.0
+TOKEN_WINDOW_S: Final = WINDOW_BUCKETS * BUCKET_S  # tokens per day: the last 24 hours
 
 
 class RateLimitExceededError(APIError):
@@ -109,16 +113,28 @@ class KeyLimiter:
                 )
             state.allowance -= 1.0
 
-    def charge(self, name: str, tokens: int) -> None:
-        """Add the tokens of a finished request of key ``name`` to its daily count."""
-        if tokens <= 0:
+    def charge(self, name: str, tokens: int, *, age_s: float = 0.0) -> None:
+        """Add the tokens of a finished request of key ``name`` to its daily count; ``age_s``:
+        the request ended that many seconds ago (nothing is added at 24 hours or more)."""
+        if tokens <= 0 or age_s >= TOKEN_WINDOW_S:
             return
         with self._lock:
             now = self._clock()
             state = self._state(name, now)
             state.expire(self._hour(now))
-            state.used[state.hour % WINDOW_BUCKETS] += tokens
+            hour = max(self._hour(now - max(age_s, 0.0)), state.hour - WINDOW_BUCKETS + 1)
+            state.used[hour % WINDOW_BUCKETS] += tokens
             state.total += tokens
+
+    def restore(self, usage: Iterable[tuple[str, float, int]]) -> int:
+        """Charge each ``(key name, age in seconds, tokens)`` of requests that ended before this
+        limiter began (the request log's, at a start); return how many keys were charged."""
+        keys = set()
+        for name, age_s, tokens in usage:
+            if tokens > 0 and age_s < TOKEN_WINDOW_S:
+                self.charge(name, tokens, age_s=age_s)
+                keys.add(name)
+        return len(keys)
 
     def tokens_used(self, name: str) -> int:
         """Tokens of key ``name`` over the last 24 hours."""

@@ -30,6 +30,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import logging.handlers
 import math
@@ -38,6 +39,7 @@ import re
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -280,6 +282,25 @@ class RequestLog:
         self._size = 0
         return self._fd
 
+    def recent_usage(
+        self, window_s: float, *, now: datetime | None = None
+    ) -> list[tuple[str, float, int]]:
+        """``(key name, seconds since the request ended, tokens)`` for the requests of the file
+        sink's chain that ended within ``window_s`` of ``now``, summed by key and minute: what
+        the key limiter charges again at a start (appliance.server.ratelimit). Empty without
+        the file sink. Newest file first, back to the first one that begins before the
+        window. A line that does not parse is passed over: checking the chain is ``appliance
+        requests --check``'s job, and :meth:`open` has refused a tampered tail already."""
+        if "file" not in self.sink_names:
+            return []
+        now = now or datetime.now(UTC)
+        minutes: dict[tuple[str, int], int] = {}
+        for path in [self.path, *reversed(self.files.rotated())]:
+            first_age = _usage_in(path, now, window_s, minutes)
+            if first_age is not None and first_age >= window_s:
+                break
+        return [(key, minute * 60.0, tokens) for (key, minute), tokens in minutes.items()]
+
     def close(self) -> None:
         for fd in (self._fd, self._head_fd):
             if fd is not None:
@@ -289,6 +310,41 @@ class RequestLog:
             sink.close()
         self._sinks.clear()
         self._open = False
+
+
+def _usage_in(
+    path: Path, now: datetime, window_s: float, minutes: dict[tuple[str, int], int]
+) -> float | None:
+    """Add the tokens of ``path``'s records that ended within ``window_s`` of ``now`` to
+    ``minutes`` (by key and whole minutes since the end); return the age of the file's first
+    record (None: no file, or no record with a time)."""
+    first_age: float | None = None
+    try:
+        source = path.open("rb")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateError(f"cannot read request log {path}: {exc.strerror}") from None
+    with source:
+        for line in source:
+            try:
+                record = json.loads(line)
+                ended = datetime.fromisoformat(record["time"]) + timedelta(
+                    milliseconds=record.get("latency_ms") or 0
+                )
+                age = max((now - ended).total_seconds(), 0.0)  # from the future: now
+                key = record["key"]
+                tokens = int(record.get("prompt_tokens") or 0) + int(
+                    record.get("completion_tokens") or 0
+                )
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+            if first_age is None:
+                first_age = age
+            if age < window_s and isinstance(key, str) and tokens > 0:
+                slot = (key, int(age // 60))
+                minutes[slot] = minutes.get(slot, 0) + tokens
+    return first_age
 
 
 def encode_record(record: dict[str, Any]) -> bytes:
