@@ -34,6 +34,7 @@ from server_helpers import (
     wait_for,
     write_model,
 )
+from test_server_tls import make_pki, trusting
 
 from appliance.server.holder import ModelHolder
 from appliance.service import ServiceSpec, render_unit
@@ -280,8 +281,9 @@ SERVE_WITH_FEW_FILES = r"""
 import json, resource, sys
 from pathlib import Path
 
-tests, model, root, files, header_timeout = sys.argv[1:6]
+tests, model, root, files, header_timeout, cert, key = sys.argv[1:8]
 resource.setrlimit(resource.RLIMIT_NOFILE, (int(files), int(files)))
+tls = {"tls_cert": Path(cert), "tls_key": Path(key)} if cert else {}
 sys.path.insert(0, tests)
 from server_helpers import live_server, load_model
 from appliance.server.connections import connection_limits
@@ -290,7 +292,7 @@ from appliance.server.holder import ModelHolder
 holder = ModelHolder(load_model(Path(model), parallel=1, context=1024))
 limits = connection_limits(None)
 timeout = float(header_timeout)
-with live_server(Path(root), holder, max_concurrency=1, header_timeout_s=timeout) as live:
+with live_server(Path(root), holder, max_concurrency=1, header_timeout_s=timeout, **tls) as live:
     print(json.dumps({"url": live.url, "key": live.key, "cap": limits.max_connections}))
     sys.stdout.flush()
     sys.stdin.read()  # serve until the test closes our stdin
@@ -298,11 +300,15 @@ holder.close()
 """
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
 def test_a_flood_of_incomplete_connections_does_not_starve_keyed_clients(
-    tmp_path: Path,
+    tmp_path: Path, tls: bool
 ) -> None:
+    """With TLS, the flood never finishes a handshake: the cap counts connections from
+    accept(), not from the end of their handshake (appliance.server.connections)."""
     files = 256  # the open-file limit of the server: the flood is larger than that
     model = write_model(tmp_path / "tiny.gguf", context=SMALL_CONTEXT)
+    pki = make_pki(tmp_path) if tls else None
     log_path = tmp_path / "server.log"
     with (
         log_path.open("w") as log,
@@ -315,8 +321,10 @@ def test_a_flood_of_incomplete_connections_does_not_starve_keyed_clients(
                 str(model),
                 str(tmp_path / "root"),
                 str(files),
-                "3600",
-            ],  # deadlines far away: only the cap can save the keyed client
+                "3600",  # deadlines far away: only the cap can save the keyed client
+                str(pki.cert) if pki else "",
+                str(pki.key) if pki else "",
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -335,13 +343,18 @@ def test_a_flood_of_incomplete_connections_does_not_starve_keyed_clients(
             for _ in range(files + 100):
                 try:
                     sock = _connect(started["url"], timeout_s=5.0)
-                    sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")
+                    # Half a request head, or the first bytes of a TLS ClientHello.
+                    sock.sendall(b"\x16\x03\x01" if tls else b"GET /v1/models HTTP/1.1\r\n")
                 except OSError:
                     continue  # the listen queue is full: the flood is not what we test
                 flood.append(sock)
             assert len(flood) > cap
             client = openai.OpenAI(
-                base_url=started["url"] + "/v1", api_key=started["key"], max_retries=0, timeout=60
+                base_url=started["url"] + "/v1",
+                api_key=started["key"],
+                max_retries=0,
+                timeout=60,
+                http_client=httpx.Client(verify=trusting(pki)) if pki else None,
             )
             assert client.models.list().data[0].id == MODEL_ID
             reply = client.chat.completions.create(
@@ -375,8 +388,30 @@ def test_the_unit_lifts_the_open_file_limit(tmp_path: Path) -> None:
 # -- helpers ----------------------------------------------------------------------------------
 
 
+def test_a_tls_handshake_is_inside_the_head_deadline(tmp_path: Path, holder: ModelHolder) -> None:
+    """A connection that never finishes its handshake is closed at the head deadline, not at
+    asyncio's 60 s handshake timeout; a real client is served meanwhile."""
+    pki = make_pki(tmp_path)
+    with live_server(
+        tmp_path / "root", holder, header_timeout_s=1.0, tls_cert=pki.cert, tls_key=pki.key
+    ) as live:
+        silent, partial = _connect(live.url), _connect(live.url)
+        partial.sendall(b"\x16\x03\x01\x00")
+        opened = time.monotonic()
+        with httpx.Client(verify=trusting(pki)) as http:
+            assert live.client(http_client=http).models.list().data[0].id == MODEL_ID
+        wait_for(
+            lambda: _closed(silent) and _closed(partial),
+            timeout_s=20.0,  # a loaded CI box; asyncio alone would wait 60 s
+            what="the connections without a finished handshake to be closed",
+        )
+        assert time.monotonic() - opened < 30.0
+        silent.close()
+        partial.close()
+
+
 def _connect(url: str, *, timeout_s: float = 10.0) -> socket.socket:
-    host, port = url.removeprefix("http://").rsplit(":", 1)
+    host, port = url.removeprefix("http://").removeprefix("https://").rsplit(":", 1)
     return socket.create_connection((host, int(port)), timeout=timeout_s)
 
 

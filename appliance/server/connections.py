@@ -27,6 +27,14 @@ make the transport, one to call ``connection_made``); a connection the guard dro
 socket one more iteration (``abort()`` closes it from a callback). So at the end of any
 iteration, besides the counted connections, up to one batch is accepted, one has its transport
 pending, and one is being closed: the cap leaves room for all three.
+With TLS the cap counts a connection from its ``accept()`` too, not from the end of its
+handshake: :func:`guarded_protocol` wraps the h11 protocol in :class:`GuardedTLSProtocol`
+(asyncio's own TLS protocol, which uvicorn would otherwise put there) and the guard counts and
+times the TCP connection, so a flood of handshakes that never finish evicts its own oldest
+members like any other incomplete connection, and the head deadline covers the handshake.
+Given to uvicorn itself, TLS would hide a connection from the guard until its handshake ends,
+with asyncio's 60 s handshake timeout as the only bound.
+
 Why not uvicorn's ``limit_concurrency``: past it uvicorn answers 503 to new *requests* and
 closes nothing, so incomplete connections would lock out the clients with keys.
 """
@@ -35,11 +43,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import resource
+import ssl
 import time
+from asyncio.sslproto import SSLProtocol
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, Protocol
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -87,15 +99,21 @@ def connection_limits(max_connections: int | None) -> ConnectionLimits:
     return ConnectionLimits(max_connections=max_connections or allowed, backlog=backlog)
 
 
+class Guarded(Protocol):
+    """What the guard counts: one TCP connection, which it can abort."""
+
+    def abort_connection(self) -> None: ...
+
+
 class ConnectionGuard:
     """Deadlines and the cap for the connections of one server (event loop thread only)."""
 
     def __init__(self, *, header_timeout_s: float, max_connections: int) -> None:
         self.header_timeout_s = header_timeout_s
         self.max_connections = max_connections
-        self._open: set[GuardedH11Protocol] = set()
+        self._open: set[Guarded] = set()
         # Connections waiting for a request head, the longest waiting first, with their timers.
-        self._waiting: OrderedDict[GuardedH11Protocol, asyncio.TimerHandle] = OrderedDict()
+        self._waiting: OrderedDict[Guarded, asyncio.TimerHandle] = OrderedDict()
         self._timed_out = 0
         self._evicted = 0
         self._reported = time.monotonic()
@@ -104,7 +122,7 @@ class ConnectionGuard:
     def open(self) -> int:
         return len(self._open)
 
-    def opened(self, conn: GuardedH11Protocol) -> None:
+    def opened(self, conn: Guarded) -> None:
         self._open.add(conn)
         self.waiting(conn)
         if len(self._open) > self.max_connections:
@@ -112,34 +130,35 @@ class ConnectionGuard:
             self._evicted += 1
             self._drop(oldest)
 
-    def waiting(self, conn: GuardedH11Protocol) -> None:
+    def waiting(self, conn: Guarded) -> None:
         """``conn`` waits for a request head; its deadline runs from the first call."""
         if conn not in self._waiting and conn in self._open:
-            timer = conn.loop.call_later(self.header_timeout_s, self._expire, conn)
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(self.header_timeout_s, self._expire, conn)
             self._waiting[conn] = timer
 
-    def busy(self, conn: GuardedH11Protocol) -> None:
+    def busy(self, conn: Guarded) -> None:
         """``conn`` delivered a request head: no deadline and no eviction until it is answered."""
         timer = self._waiting.pop(conn, None)
         if timer is not None:
             timer.cancel()
 
-    def closed(self, conn: GuardedH11Protocol) -> None:
+    def closed(self, conn: Guarded) -> None:
         self.busy(conn)
         self._open.discard(conn)
 
-    def _expire(self, conn: GuardedH11Protocol) -> None:
+    def _expire(self, conn: Guarded) -> None:
         if conn in self._waiting:
             self._timed_out += 1
             self._drop(conn)
 
-    def _drop(self, conn: GuardedH11Protocol) -> None:
+    def _drop(self, conn: Guarded) -> None:
         # Forget it now, not when the transport reports the loss: the count must be right for
         # the next connection made in the same loop iteration.
         self.closed(conn)
         # abort(), not close(): close() waits for unsent data, which a client that does not
         # read would keep there for ever. Nobody is owed anything here: no request is running.
-        conn.transport.abort()
+        conn.abort_connection()
         self._report()
 
     def _report(self) -> None:
@@ -161,13 +180,22 @@ class ConnectionGuard:
 
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, reporting to a :class:`ConnectionGuard` what each connection is
-    doing: made, waiting for a request head, busy with a request, lost."""
+    doing: made, waiting for a request head, busy with a request, lost. Under TLS the
+    :class:`GuardedTLSProtocol` around it is what the guard counts (``counted``)."""
 
     guard: ConnectionGuard  # set on the subclass that guarded_protocol() makes
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.counted: Guarded = self
+
+    def abort_connection(self) -> None:
+        self.transport.abort()
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.guard.opened(self)
+        if self.counted is self:  # under TLS, counted at accept() by the wrapper
+            self.guard.opened(self)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -179,18 +207,62 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        self.guard.closed(self)
+        self.guard.closed(self.counted)
 
     def _report_state(self) -> None:
         if self.transport.is_closing():
             return  # connection_lost follows
         if self.cycle is not None and not self.cycle.response_complete:
-            self.guard.busy(self)
+            self.guard.busy(self.counted)
         else:
-            self.guard.waiting(self)
+            self.guard.waiting(self.counted)
 
 
-def guarded_protocol(guard: ConnectionGuard) -> type[GuardedH11Protocol]:
-    """The protocol class for uvicorn's ``http=``: uvicorn makes the instances itself, so the
-    guard of this server travels on a class of its own."""
-    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"guard": guard})
+class GuardedTLSProtocol(SSLProtocol):
+    """asyncio's server-side TLS protocol around a :class:`GuardedH11Protocol`, counted by the
+    guard from ``accept()``: the handshake is inside the head deadline and under the cap."""
+
+    def __init__(
+        self, app: GuardedH11Protocol, context: ssl.SSLContext, guard: ConnectionGuard
+    ) -> None:
+        super().__init__(
+            asyncio.get_running_loop(),
+            app,
+            context,
+            None,  # type: ignore[arg-type]  # no waiter: nobody awaits this handshake
+            server_side=True,
+            # The head deadline closes it first; this is asyncio's own bound, in whole seconds.
+            ssl_handshake_timeout=max(1, math.ceil(guard.header_timeout_s)),
+        )
+        self._guard = guard
+        self._tcp: asyncio.BaseTransport | None = None
+        app.counted = self
+
+    def abort_connection(self) -> None:
+        if self._tcp is not None:
+            self._tcp.abort()  # type: ignore[attr-defined]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._tcp = transport
+        super().connection_made(transport)
+        self._guard.opened(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)  # the h11 protocol's too, once its handshake was done
+        self._guard.closed(self)
+
+
+def guarded_protocol(
+    guard: ConnectionGuard, tls: ssl.SSLContext | None
+) -> Callable[..., asyncio.BaseProtocol]:
+    """The protocol factory for uvicorn's ``http=`` (uvicorn calls it with its own arguments
+    for each accepted connection): h11 reporting to ``guard``, inside TLS with ``tls``. The
+    server is then given no ``ssl`` of its own (appliance.server.run)."""
+    h11 = type("GuardedH11Protocol", (GuardedH11Protocol,), {"guard": guard})
+    if tls is None:
+        return h11
+
+    def made(**kwargs: Any) -> asyncio.BaseProtocol:
+        return GuardedTLSProtocol(h11(**kwargs), tls, guard)
+
+    return made

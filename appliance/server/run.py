@@ -6,6 +6,7 @@ import logging
 import signal
 import socket
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 import uvicorn
@@ -47,15 +48,31 @@ def build_server(
         lifespan="on",
         timeout_graceful_shutdown=10,
         # h11 on asyncio, whatever else is installed: the connection limits hook into h11's
-        # protocol and count on asyncio's accept loop (appliance.server.connections).
-        http=guarded_protocol(guard),
+        # protocol and count on asyncio's accept loop (appliance.server.connections). TLS is
+        # that protocol's too, not uvicorn's: the guard counts a connection from accept(), its
+        # handshake included. The context is the one built here (a minimum version uvicorn
+        # cannot set).
+        http=guarded_protocol(guard, tls),  # type: ignore[arg-type]  # a factory, not a class
         loop="asyncio",
         ws="none",
         backlog=limits.backlog,
-        # uvicorn cannot set a minimum TLS version: it serves the context built here.
-        ssl_context_factory=None if tls is None else lambda _config, _default: tls,
     )
-    return uvicorn.Server(config)
+    return _Server(config, scheme="http" if tls is None else "https")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, saying the scheme it serves: TLS is in the protocol (above), so
+    uvicorn's own started message would say http."""
+
+    def __init__(self, config: uvicorn.Config, *, scheme: str) -> None:
+        super().__init__(config)
+        self.scheme = scheme
+
+    def _log_started_message(self, listeners: Sequence[socket.SocketType]) -> None:
+        for sock in listeners:
+            host, port = sock.getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            log.info("serving on %s://%s:%d (Ctrl+C to stop)", self.scheme, shown, port)
 
 
 def run_server(

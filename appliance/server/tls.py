@@ -3,8 +3,10 @@
 ``serve`` builds the context before it loads a model or binds a socket, so that a missing,
 unreadable, malformed or mismatched certificate or key is refused at once with one line and
 exit 2 (:class:`~signing.errors.InputError`), never a traceback from inside uvicorn. The same
-context is then handed to uvicorn (its ``ssl_context_factory``), which cannot set a minimum
-protocol version by itself.
+context then serves every connection through the connection guard's TLS protocol
+(appliance.server.connections), which counts a connection from ``accept()`` and puts its
+handshake inside the request head deadline; uvicorn could not set a minimum protocol version,
+nor count a connection before its handshake ends.
 
 TLS 1.2 is the floor whatever the setting (Python's own default for servers); ``1.3`` refuses
 TLS 1.2 clients too. An encrypted key is refused rather than prompted for: a service has no
