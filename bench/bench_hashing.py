@@ -98,8 +98,9 @@ def main() -> None:
         "",
         f"Per-core rate from `pool 1`: r = {rate / 1e9:.2f} GB/s. Model for N cores: "
         f"T(N) = S / (min(N, cores) x r); for 1 GiB, {size / rate:.2f} s / N. Verify of a "
-        "bundle adds the CLI's start-up and the head check (about 0.11 s here with bytecode compiled, bench_parts.py); "
-        "install adds the kernel copy and fsync, which run beside the hashing.",
+        "bundle adds the CLI's start-up and the head check (about 0.11 s here with bytecode "
+        "compiled, bench_parts.py); install adds the kernel copy and fsync, which run beside "
+        "the hashing.",
         "",
         "<!-- bench_hashing:notes -->",
         "<!-- bench_hashing:end -->",
