@@ -9,8 +9,9 @@ solve: conda creates the environment from exactly these files.
 
 Only keys that constructor documents (``CONSTRUCT.md`` in conda/constructor) are written; the
 set is :data:`CONSTRUCT_KEYS`, and the test checks the emitted file against it. What
-constructor's own installer checks at install time is weaker than the appliance's (it checks
-each package's md5, and a mismatch is a warning): docs/recipe.md says so.
+constructor's own installer checks at install time is weaker than the appliance's (its shell
+header checks the md5 of its appended payload, and a mismatch is a warning): docs/recipe.md
+says so.
 """
 
 from __future__ import annotations
