@@ -18,6 +18,7 @@ from server_helpers import (
     live_server,
     load_model,
     requires_llama,
+    wait_for,
     write_model,
 )
 
@@ -285,12 +286,23 @@ def test_the_key_comes_from_ollama_api_key_too(
     assert listed.model == MODEL_ID
 
 
-def test_log_prompts_records_the_messages(server: LiveServer) -> None:
+def test_log_prompts_records_the_messages_and_the_answers(server: LiveServer) -> None:
     root = server.root.parent / "prompts"
     with live_server(root, server.holder, log_prompts=True) as live:
         keyed = ollama.Client(host=live.url, headers={"Authorization": f"Bearer {live.key}"})
-        keyed.chat(model=MODEL_ID, messages=chat_messages("remember me"), options=FEW)
-        assert live.last_entry("/api/chat")["prompt"] == chat_messages("remember me")
+        reply = keyed.chat(model=MODEL_ID, messages=chat_messages("remember me"), options=FEW)
+        entry = live.last_entry("/api/chat")
+        assert entry["prompt"] == chat_messages("remember me")
+        assert entry["response"] == reply.message.content  # as the OpenAI routes log it
+        streamed = "".join(
+            part.response
+            for part in keyed.generate(model=MODEL_ID, prompt="hi", options=FEW, stream=True)
+        )
+        wait_for(  # the record is written once the stream has ended
+            lambda: any(e["route"] == "/api/generate" for e in live.log_entries()),
+            what="the streamed request's record",
+        )
+        assert live.last_entry("/api/generate")["response"] == streamed
 
 
 # -- a real chat model: format, tools ----------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any, Final, Literal
 import httpx
 
 from appliance.server.errors import APIError, InternalError, RequestTimeoutError
+from appliance.server.masking import note_response
 from appliance.server.record import RequestRecord
 from appliance.server.relay import EngineAnswer, engine_failure
 
@@ -188,6 +189,8 @@ async def ndjson_lines(upstream: EngineAnswer, answer: Answer) -> AsyncIterator[
         log.error("the llama.cpp engine sent an event that is not JSON: %s", exc)  # noqa: TRY400
         yield _error_line(record, InternalError("the model failed; the server log says why"))
     finally:
+        # What was said, even cut short, as the OpenAI routes keep it (log_prompts only).
+        note_response(upstream.state, record, "".join(answer.text))
         await upstream.end(outcome)
 
 

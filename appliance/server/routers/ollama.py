@@ -36,7 +36,7 @@ from appliance.server.errors import (
     NotReadyError,
     UnsupportedParameterError,
 )
-from appliance.server.masking import mask_for_log, mask_texts_for_model
+from appliance.server.masking import mask_for_log, mask_texts_for_model, note_response
 from appliance.server.ollama_schemas import (
     ChatRequest,
     EmbeddingsRequest,
@@ -169,6 +169,7 @@ async def _answer(
     except Exception:
         finish(state, record, "failed")
         raise
+    note_response(state, record, "".join(answer.text))
     finish(state, record, "finished")
     return JSONResponse(out)
 
