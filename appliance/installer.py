@@ -14,12 +14,12 @@ import hashlib
 import io
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from appliance import staging
 from appliance.delta import fill_from_base, find_base
@@ -69,6 +69,9 @@ else:
         return run(*args, **kwargs)
 
 
+_T = TypeVar("_T")
+
+
 @dataclass(frozen=True)
 class InstallOptions:
     """An install's options, checked when made: before step I1 writes anything."""
@@ -91,6 +94,17 @@ class InstallOptions:
                 f"--grace-period must be between 0 and {longest} seconds "
                 f"({longest // 86400} days), not {self.grace_period_s}"
             )
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """A bundle's stream (a file, a pipe or split parts) with its head read and verified."""
+
+    stream: io.FileIO | PartStream
+    split: SplitBundle | None
+    tar: TarReader
+    head: BundleHead
+    verified: VerifiedManifest
 
 
 @dataclass(frozen=True)
@@ -136,18 +150,33 @@ class Appliance:
             if damage is not None:
                 raise damage
             root = self.trust.load().root
-            try:
-                return self._verify_pass(
-                    source, root=root, clock=clock, record=record, progress=progress, quick=True
-                )
-            except (VerificationError, StateError):
-                if not _is_split_source(source):
-                    raise
-            return self._verify_pass(
-                source, root=root, clock=clock, record=record, progress=progress, quick=False
-            )
 
-    def _verify_pass(
+            def attempt(quick: bool) -> VerifiedManifest:
+                with self._opened(
+                    source, root=root, clock=clock, record=record, progress=progress, quick=quick
+                ) as opened:
+                    verified = opened.verified
+                    _start(progress, verified)
+                    with (
+                        staging.verify_sink(opened.stream, self.limits) as sink,
+                        PoolHasher(self.limits.hash_threads) as hasher,
+                    ):
+                        stream_payload(
+                            opened.tar,
+                            verified.manifest,
+                            sink,
+                            limits=self.limits,
+                            progress=progress.advance if progress else None,
+                            hasher=hasher,
+                        )
+                    if quick and opened.split is not None:
+                        opened.split.check(progress=progress, parity_only=True)
+                return verified
+
+            return _one_pass_first(source, attempt, retry_on=(VerificationError, StateError))
+
+    @contextmanager
+    def _opened(
         self,
         source: str | Sequence[str],
         *,
@@ -156,31 +185,18 @@ class Appliance:
         record: dict[str, Any],
         progress: Progress | None,
         quick: bool,
-    ) -> VerifiedManifest:
+    ) -> Iterator[_Opened]:
+        """The bundle's stream with its head read and verified (V1 to V5, I3; from parts, P4:
+        the index must name this head), for verify and install alike."""
         with _open_stream(source, record=record, progress=progress, quick=quick) as (
             stream,
             split,
         ):
             tar = open_bundle(stream, self.limits)
-            _, verified = _verified_head(
+            head, verified = _verified_head(
                 tar, self.limits, root=root, clock=clock, record=record, split=split
             )
-            _start(progress, verified)
-            with (
-                staging.verify_sink(stream, self.limits) as sink,
-                PoolHasher(self.limits.hash_threads) as hasher,
-            ):
-                stream_payload(
-                    tar,
-                    verified.manifest,
-                    sink,
-                    limits=self.limits,
-                    progress=progress.advance if progress else None,
-                    hasher=hasher,
-                )
-            if quick and split is not None:
-                split.check(progress=progress, parity_only=True)
-        return verified
+            yield _Opened(stream=stream, split=split, tar=tar, head=head, verified=verified)
 
     # -- install --------------------------------------------------------------------------
 
@@ -383,51 +399,45 @@ class Appliance:
         rebuild it from parity) and reads again (ADR 0015, amended); a refusal of the bundle
         itself (its version, the host, the delta's base) is not retried.
         """
-        quick = _is_split_source(source)
-        while True:
-            try:
-                with _open_stream(source, record=record, progress=progress, quick=quick) as (
-                    stream,
-                    split,
-                ):
-                    tar = open_bundle(stream, self.limits)
-                    # I3: read, verify and judge the head before any payload byte is read
-                    # (and P4: the part index must name this head).
-                    head, verified = _verified_head(
-                        tar, self.limits, root=root, clock=clock, record=record, split=split
-                    )
-                    manifest = verified.manifest
-                    base = self._judge(manifest, state, options, record)
-                    # I5: one pass: every member is stored in staging and its stored bytes
-                    # hashed; from a bundle file the kernel copies them, from a pipe a writer
-                    # thread writes what was read and hashed (appliance.staging).
-                    seq = state.next_seq
-                    slot_dir = self.slots.new_staging(slot_id(seq, manifest))
-                    payload_dir = SlotPaths(slot_dir).payload
-                    try:
-                        _start(progress, verified)
-                        with (
-                            staging.payload_sink(payload_dir, stream, self.limits) as sink,
-                            PoolHasher(self.limits.hash_threads) as hasher,
-                        ):
-                            stream_payload(
-                                tar,
-                                manifest,
-                                sink,
-                                limits=self.limits,
-                                progress=progress.advance if progress else None,
-                                hasher=hasher,
-                            )
-                    except BaseException:
-                        shutil.rmtree(slot_dir, ignore_errors=True)
-                        raise
-                    return _Staged(
-                        head=head, verified=verified, base=base, seq=seq, slot_dir=slot_dir
-                    )
-            except VerificationError:
-                if not quick:
+
+        def attempt(quick: bool) -> _Staged:
+            with self._opened(
+                source, root=root, clock=clock, record=record, progress=progress, quick=quick
+            ) as opened:
+                manifest = opened.verified.manifest
+                base = self._judge(manifest, state, options, record)
+                # I5: one pass: every member is stored in staging and its stored bytes hashed;
+                # from a bundle file the kernel copies them, from a pipe a writer thread writes
+                # what was read and hashed (appliance.staging).
+                seq = state.next_seq
+                slot_dir = self.slots.new_staging(slot_id(seq, manifest))
+                payload_dir = SlotPaths(slot_dir).payload
+                try:
+                    _start(progress, opened.verified)
+                    with (
+                        staging.payload_sink(payload_dir, opened.stream, self.limits) as sink,
+                        PoolHasher(self.limits.hash_threads) as hasher,
+                    ):
+                        stream_payload(
+                            opened.tar,
+                            manifest,
+                            sink,
+                            limits=self.limits,
+                            progress=progress.advance if progress else None,
+                            hasher=hasher,
+                        )
+                except BaseException:
+                    shutil.rmtree(slot_dir, ignore_errors=True)
                     raise
-                quick = False
+                return _Staged(
+                    head=opened.head,
+                    verified=opened.verified,
+                    base=base,
+                    seq=seq,
+                    slot_dir=slot_dir,
+                )
+
+        return _one_pass_first(source, attempt, retry_on=(VerificationError,))
 
     def _judge(
         self,
@@ -654,6 +664,24 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc)
+
+
+def _one_pass_first(
+    source: str | Sequence[str],
+    attempt: Callable[[bool], _T],
+    *,
+    retry_on: tuple[type[AirgapError], ...],
+) -> _T:
+    """``attempt(quick)`` for ``source``: split parts that are all there at their indexed sizes
+    are read in one pass first (``quick``), each checked as it is read by the signed hashes; if
+    that fails with ``retry_on``, P1 to P3 run (naming the bad part, or rebuilding it from
+    parity) and ``attempt`` runs again (ADR 0015, amended). Anything else: one attempt."""
+    if _is_split_source(source):
+        try:
+            return attempt(True)
+        except retry_on:
+            pass
+    return attempt(False)
 
 
 @contextmanager
